@@ -1,0 +1,1 @@
+"""Model backends, one small interface per family: layout (`detect`) and recognition (`recognize`)."""

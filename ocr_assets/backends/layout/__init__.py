@@ -1,0 +1,1 @@
+"""Layout backends: `detect(images) -> detections per page`."""

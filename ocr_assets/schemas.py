@@ -1,0 +1,78 @@
+"""Arrow schemas of the five assets: the Parquet contracts that DESIGN.md promises users.
+
+A page that fails as a whole at a region-level stage (layout, crops, recognition) is
+carried as one row with ``region = PAGE_ERROR_REGION`` and ``status = "error"``, so the
+reason reaches ``documents``.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+PAGE_ERROR_REGION = -1
+
+PAGES = pa.schema([
+    ("page_id", pa.string()),
+    ("shard", pa.string()),
+    ("row", pa.int64()),
+    ("format", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("nbytes", pa.int64()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+])
+
+LAYOUT = pa.schema([
+    ("page_id", pa.string()),
+    ("region", pa.int32()),
+    ("label", pa.string()),
+    ("task", pa.string()),
+    ("score", pa.float32()),
+    ("x0", pa.int32()),
+    ("y0", pa.int32()),
+    ("x1", pa.int32()),
+    ("y1", pa.int32()),
+    ("source", pa.string()),  # "model", or "recovered" for ink outside every model box
+    ("status", pa.string()),
+    ("error", pa.string()),
+])
+
+CROPS = pa.schema([
+    ("page_id", pa.string()),
+    ("region", pa.int32()),
+    ("task", pa.string()),
+    ("image", pa.binary()),
+    ("format", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+])
+
+RECOGNITION = pa.schema([
+    ("page_id", pa.string()),
+    ("region", pa.int32()),
+    ("task", pa.string()),
+    ("text", pa.string()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+])
+
+DOCUMENTS = pa.schema([
+    ("page_id", pa.string()),
+    ("shard", pa.string()),
+    ("row", pa.int64()),
+    ("status", pa.string()),
+    ("markdown", pa.string()),
+    ("regions", pa.string()),  # JSON list: region, label, task, box, text, status
+    ("error", pa.string()),
+])
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "pages": PAGES,
+    "layout": LAYOUT,
+    "crops": CROPS,
+    "recognition": RECOGNITION,
+    "documents": DOCUMENTS,
+}
