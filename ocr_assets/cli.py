@@ -1,0 +1,151 @@
+"""`ocr-assets`: write the sample dataset, or run the pipeline through Dagster from a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+STAGE_ORDER = ("pages", "layout", "crops", "recognition", "documents")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ocr-assets", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sample = sub.add_parser("sample", help="write the sample dataset (with ground truth) to DIR")
+    sample.add_argument("dir")
+    sample.add_argument("--pages", type=int, default=16)
+    sample.add_argument("--shards", type=int, default=2)
+
+    run = sub.add_parser("run", help="materialize the assets for every shard (or the ones given)")
+    run.add_argument("--partition", action="append", default=[], metavar="KEY",
+                     help="a shard key to run; repeat for several (default: every shard)")
+    run.add_argument("--select", default=",".join(STAGE_ORDER), metavar="ASSET[,ASSET...]",
+                     help=f"assets to materialize (default: {','.join(STAGE_ORDER)})")
+
+    args = parser.parse_args(argv)
+    if args.command == "sample":
+        from ocr_assets.sample import write_sample
+
+        path = write_sample(args.dir, pages=args.pages, shards=args.shards)
+        print(f"wrote {args.pages} sample pages in {args.shards} shards to {path}")
+        return 0
+    return run_pipeline(args.partition, [s.strip() for s in args.select.split(",") if s.strip()])
+
+
+def _instance_home() -> Path:
+    """$DAGSTER_HOME, else ./.dagster_home, set up so that `dagster dev` there shows the same runs."""
+    home = Path(os.environ.get("DAGSTER_HOME") or ".dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["DAGSTER_HOME"] = str(home)
+    target = home / "dagster.yaml"
+    if not target.exists():
+        project_yaml = Path(__file__).resolve().parent.parent / "dagster.yaml"
+        if project_yaml.exists():
+            shutil.copyfile(project_yaml, target)
+        else:
+            target.write_text("telemetry:\n  enabled: false\n")
+    return home
+
+
+def run_pipeline(partitions: list[str], select: list[str]) -> int:
+    """Materialize ``select`` for each partition in a persistent instance; print progress and a summary."""
+    import dagster as dg
+
+    from ocr_assets.definitions import defs
+    from ocr_assets.partitions import SHARDS
+
+    unknown = [name for name in select if name not in STAGE_ORDER]
+    if unknown:
+        print(f"error: --select names unknown assets {unknown}; choose from {', '.join(STAGE_ORDER)}",
+              file=sys.stderr)
+        return 2
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("  %(message)s"))
+    progress = logging.getLogger("ocr_assets.progress")
+    progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
+
+    home = _instance_home()
+    resources = defs.resources
+    dataset = resources["dataset"]
+    try:
+        location = dataset.location()
+        shards = [ref.key for ref in dataset.shards()]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    missing = [key for key in partitions if key not in shards]
+    if missing:
+        print(f"error: --partition {missing} not in {location}; shards there: {', '.join(shards)}",
+              file=sys.stderr)
+        return 2
+    keys = partitions or shards
+
+    with dg.DagsterInstance.get() as instance:
+        known = set(instance.get_dynamic_partitions(SHARDS))
+        new = [key for key in shards if key not in known]
+        if new:
+            instance.add_dynamic_partitions(SHARDS, new)
+        print(f"dataset {location}: {len(shards)} shards ({len(new)} new); running {len(keys)}; "
+              f"instance {home}")
+        assets = [a for a in defs.assets if a.key.to_user_string() in select]
+        quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+        summary: dict[str, dict[str, float]] = {}
+        failed: list[str] = []
+        start = time.perf_counter()
+        for index, key in enumerate(keys, 1):
+            print(f"[{index}/{len(keys)}] shard {key}")
+            result = dg.materialize(
+                assets, partition_key=key, instance=instance, resources=resources,
+                raise_on_error=False, run_config=quiet, tags={"ocr_assets/launched_by": "cli"},
+            )
+            for event in result.get_asset_materialization_events():
+                _add_to_summary(summary, event.asset_key.to_user_string(), event.materialization.metadata)
+            if not result.success:
+                failed.append(key)
+                for failure in result.get_step_failure_events():
+                    error = failure.step_failure_data.error
+                    message = error.message.strip() if error else "unknown error"
+                    print(f"  FAILED {failure.step_key}: {message}", file=sys.stderr)
+        _print_summary(summary, time.perf_counter() - start)
+    if failed:
+        print(f"{len(failed)} partition(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_to_summary(summary: dict[str, dict[str, float]], asset: str, metadata) -> None:
+    row = summary.setdefault(asset, {})
+    row["partitions"] = row.get("partitions", 0) + 1
+    for name in ("stage_seconds", "model_load_seconds", "pages", "regions", "errors", "dagster/row_count"):
+        if name in metadata:
+            row[name] = row.get(name, 0) + float(metadata[name].value)
+
+
+def _print_summary(summary: dict[str, dict[str, float]], wall: float) -> None:
+    header = f"{'stage':<12}{'parts':>6}{'pages':>8}{'rows':>9}{'errors':>8}{'seconds':>10}{'pages/s':>10}{'load s':>8}"
+    print()
+    print(header)
+    print("-" * len(header))
+    for asset in STAGE_ORDER:
+        row = summary.get(asset)
+        if not row:
+            continue
+        seconds = row.get("stage_seconds", 0.0)
+        pages = row.get("pages", 0)
+        rate = pages / seconds if seconds > 0 else 0.0
+        print(f"{asset:<12}{int(row['partitions']):>6}{int(pages):>8}{int(row.get('dagster/row_count', 0)):>9}"
+              f"{int(row.get('errors', 0)):>8}{seconds:>10.2f}{rate:>10.1f}{row.get('model_load_seconds', 0.0):>8.2f}")
+    print(f"wall time {wall:.1f}s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

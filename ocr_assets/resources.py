@@ -1,0 +1,178 @@
+"""Dagster resources: the dataset, the Parquet storage, the layout model and the recognizer.
+
+Each is configured from the environment variables of DESIGN.md (see ``resources_from_env``).
+Models load once per process: the first materialization in a process pays the load and
+reports it as ``model_load_seconds``; later ones reuse the loaded model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import dagster as dg
+from pydantic import Field
+
+from ocr_assets import config
+from ocr_assets.backends.layout import LayoutBackend, create_layout_backend, resolve_layout_backend
+from ocr_assets.backends.recognition import Recognizer, create_recognizer, resolve_recognizer
+from ocr_assets.dataset import Shard, ShardRef, list_shards, open_shard
+from ocr_assets.storage import ParquetStore
+
+_models: dict[tuple, Any] = {}
+_models_lock = threading.Lock()
+
+
+def _load_once(key: tuple, load: Callable[[], Any]) -> tuple[Any, float]:
+    """The model for ``key``, loaded on first use in this process; returns (model, seconds spent loading now)."""
+    with _models_lock:
+        if key in _models:
+            return _models[key], 0.0
+        start = time.perf_counter()
+        model = load()
+        _models[key] = model
+        return model, time.perf_counter() - start
+
+
+class DatasetResource(dg.ConfigurableResource):
+    """The Hugging Face dataset whose shards are the partitions (OCR_ASSETS_DATASET)."""
+
+    path: str | None = Field(default=None, description="Dataset folder or fsspec URL; unset = the sample dataset.")
+    image_column: str | None = Field(default=None, description="Column holding the page images.")
+    id_column: str | None = Field(default=None, description="Column holding a unique page id.")
+    sample_dir: str = Field(default=config.DEFAULT_SAMPLE_DIR, description="Where the sample dataset lives.")
+
+    def location(self) -> str:
+        """The dataset to read: the configured one, else the sample dataset (written when missing)."""
+        if self.path:
+            return self.path
+        return str(ensure_sample(self.sample_dir))
+
+    def shards(self) -> list[ShardRef]:
+        return list_shards(self.location())
+
+    def open(self, key: str) -> Shard:
+        return open_shard(self.location(), key, image_column=self.image_column, id_column=self.id_column)
+
+
+def ensure_sample(folder: str) -> Path:
+    """The sample dataset folder, generated on first use."""
+    path = Path(folder)
+    if not (path / "state.json").exists():
+        from ocr_assets.sample import write_sample
+
+        write_sample(path)
+    return path
+
+
+class StorageResource(dg.ConfigurableResource):
+    """Where the Parquet outputs go (OCR_ASSETS_STORAGE): a folder or an fsspec URL."""
+
+    root: str = Field(default=config.DEFAULT_STORAGE, description="Folder or fsspec URL of the outputs.")
+
+    def store(self) -> ParquetStore:
+        return ParquetStore(self.root)
+
+
+class LayoutResource(dg.ConfigurableResource):
+    """The layout model (OCR_ASSETS_LAYOUT_BACKEND, OCR_ASSETS_LAYOUT_MODEL, OCR_ASSETS_DEVICE)."""
+
+    backend: str | None = Field(default=None, description="picodet-cdla or pp-doclayout-v3; unset = by model.")
+    model: str | None = Field(default=None, description="PP-DocLayoutV3 checkpoint: local folder or hub id.")
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
+    threads: int = Field(default=0, description="CPU threads for the model; 0 = all cores.")
+    batch_size: int = Field(default=0, description="Pages per model call; 0 = the backend's default.")
+    conf_threshold: float | None = Field(default=None, description="Minimum detection score.")
+    recover_text: bool = Field(default=True, description="Turn ink outside every region into text regions.")
+    label_tasks: str | None = Field(
+        default=None, description='JSON object overriding label → task, e.g. {"figure": "text"}.'
+    )
+
+    def backend_name(self) -> str:
+        return resolve_layout_backend(self.backend, self.model)
+
+    def load(self) -> tuple[LayoutBackend, float]:
+        """The layout backend, loaded once per process; returns (backend, seconds spent loading now)."""
+        name = self.backend_name()
+        overrides = _parse_label_tasks(self.label_tasks)
+        key = ("layout", name, self.model, self.device, self.threads, self.batch_size,
+               self.conf_threshold, json.dumps(overrides, sort_keys=True))
+
+        def load() -> LayoutBackend:
+            backend = create_layout_backend(
+                name, model=self.model, threads=self.threads or None,
+                batch_size=self.batch_size or None, conf_threshold=self.conf_threshold,
+            )
+            backend.label_tasks = {**backend.label_tasks, **overrides}
+            return backend
+
+        return _load_once(key, load)
+
+
+def _parse_label_tasks(value: str | None) -> dict[str, str]:
+    if not value:
+        return {}
+    try:
+        table = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"label_tasks is not valid JSON ({exc}): give an object like {{\"figure\": \"skip\"}}") from exc
+    allowed = set(config.TASKS) | {config.ABANDON}
+    bad = {k: v for k, v in table.items() if v not in allowed}
+    if bad:
+        raise ValueError(f"label_tasks maps to unknown tasks {bad}; tasks are {sorted(allowed)}")
+    return table
+
+
+class RecognizerResource(dg.ConfigurableResource):
+    """The recognizer (OCR_ASSETS_RECOGNIZER and the OCR_ASSETS_VLM_* server settings)."""
+
+    kind: str | None = Field(default=None, description="local or openai; unset = openai when a VLM URL is set.")
+    threads: int = Field(default=0, description="CPU threads for the local recognizer; 0 = all cores.")
+    vlm_base_url: str | None = Field(default=None, description="OpenAI-compatible server, e.g. http://host:8000/v1.")
+    vlm_model: str = Field(default="glm-ocr", description="Served model name.")
+    vlm_api_key: str | None = Field(default=None, description="API key of the server, if it needs one.")
+    vlm_concurrency: int = Field(default=64, description="Most requests in flight at once.")
+    crop_format: str = Field(default="png", description="How crops are stored: png or jpeg.")
+
+    def kind_name(self) -> str:
+        return resolve_recognizer(self.kind, self.vlm_base_url)
+
+    def load(self) -> tuple[Recognizer, float]:
+        """The recognizer, loaded once per process; returns (recognizer, seconds spent loading now)."""
+        name = self.kind_name()
+        key = ("recognizer", name, self.threads)
+        return _load_once(key, lambda: create_recognizer(name, threads=self.threads or None))
+
+
+def _from_env(name: str, default: Any = None) -> Any:
+    """An EnvVar when the variable is set (so the UI shows where the value came from), else the default."""
+    return dg.EnvVar(name) if config.env(name) else default
+
+
+def resources_from_env() -> dict[str, dg.ConfigurableResource]:
+    """The four resources, configured from the OCR_ASSETS_* environment variables."""
+    concurrency = config.env(config.ENV_VLM_CONCURRENCY)
+    return {
+        "dataset": DatasetResource(
+            path=_from_env(config.ENV_DATASET),
+            image_column=_from_env(config.ENV_IMAGE_COLUMN),
+            id_column=_from_env(config.ENV_ID_COLUMN),
+        ),
+        "storage": StorageResource(root=_from_env(config.ENV_STORAGE, config.DEFAULT_STORAGE)),
+        "layout_model": LayoutResource(
+            backend=_from_env(config.ENV_LAYOUT_BACKEND),
+            model=_from_env(config.ENV_LAYOUT_MODEL),
+            device=_from_env(config.ENV_DEVICE, "auto"),
+        ),
+        "recognizer": RecognizerResource(
+            kind=_from_env(config.ENV_RECOGNIZER),
+            vlm_base_url=_from_env(config.ENV_VLM_BASE_URL),
+            vlm_model=_from_env(config.ENV_VLM_MODEL, "glm-ocr"),
+            vlm_api_key=_from_env(config.ENV_VLM_API_KEY),
+            vlm_concurrency=dg.EnvVar.int(config.ENV_VLM_CONCURRENCY) if concurrency else 64,
+        ),
+    }

@@ -1,0 +1,87 @@
+"""Parquet outputs at ``<storage>/<asset>/<partition>.parquet``, written atomically.
+
+A reader never sees a half-written file: each table is written to a temporary name
+beside its final path, flushed to disk, then renamed over it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from ocr_assets.config import ENV_STORAGE
+
+
+class StorageError(RuntimeError):
+    """The storage location cannot be used."""
+
+
+@dataclass(frozen=True)
+class ParquetStore:
+    """Reads and writes one Parquet file per (asset, partition) under ``root`` (path or fsspec URL)."""
+
+    root: str
+
+    @property
+    def _fs_root(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        fs, path = fsspec.core.url_to_fs(self.root)
+        if isinstance(fs, LocalFileSystem):
+            path = os.path.abspath(path)
+        return fs, path.rstrip("/")
+
+    def path(self, asset: str, partition: str) -> str:
+        """The storage path of one asset partition (without the protocol)."""
+        _, root = self._fs_root
+        return f"{root}/{asset}/{partition}.parquet"
+
+    def uri(self, asset: str, partition: str) -> str:
+        """The full URI of one asset partition, as shown in the UI."""
+        fs, _ = self._fs_root
+        path = self.path(asset, partition)
+        return fs.unstrip_protocol(path) if not isinstance(fs, LocalFileSystem) else f"file://{path}"
+
+    def exists(self, asset: str, partition: str) -> bool:
+        fs, _ = self._fs_root
+        return fs.exists(self.path(asset, partition))
+
+    def write(self, asset: str, partition: str, table: pa.Table) -> str:
+        """Write ``table`` atomically; returns the URI."""
+        fs, _ = self._fs_root
+        final = self.path(asset, partition)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+        try:
+            fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+            with fs.open(tmp, "wb") as handle:
+                pq.write_table(table, handle, compression="zstd")
+                if isinstance(fs, LocalFileSystem):
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            if isinstance(fs, LocalFileSystem):
+                os.replace(tmp, final)
+            else:
+                fs.mv(tmp, final)
+        except OSError as exc:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+            raise StorageError(
+                f"cannot write {final}: {exc}. Set {ENV_STORAGE} to a writable folder or URL."
+            ) from exc
+        return self.uri(asset, partition)
+
+    def read(self, asset: str, partition: str, columns: list[str] | None = None) -> pa.Table:
+        """Read one asset partition; a clear error if the upstream partition was never written."""
+        fs, _ = self._fs_root
+        path = self.path(asset, partition)
+        if not fs.exists(path):
+            raise StorageError(
+                f"{asset} has no output for partition {partition!r} at {path}: materialize "
+                f"{asset} for this partition first (or check {ENV_STORAGE})."
+            )
+        with fs.open(path, "rb") as handle:
+            return pq.read_table(handle, columns=columns)
