@@ -1,0 +1,1 @@
+"""Pipeline stages: plain functions over Arrow tables that return `(table, StageReport)`."""
