@@ -1,0 +1,126 @@
+"""The sample dataset: deterministic bytes, shard files, PNG and JPEG pages, ground truth that matches the ink."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from ocr_assets.evaluation import word_scores, words
+from ocr_assets.sample import (
+    BODY_TOP,
+    FOOTER_TEXT,
+    HEADER_TEXT,
+    PAGE_HEIGHT,
+    PAGE_WIDTH,
+    TABLE_HEADERS,
+    VOCABULARY,
+    render_page,
+    write_sample,
+)
+
+PAGES = 4
+
+
+def _read_rows(folder):
+    """All rows of the arrow shards in file order, with the image column as raw {bytes, path}."""
+    ds = datasets.load_from_disk(str(folder)).cast_column("image", datasets.Image(decode=False))
+    return list(ds)
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    return write_sample(tmp_path_factory.mktemp("sample") / "ds", pages=PAGES, shards=2)
+
+
+def test_two_writes_give_identical_files(sample, tmp_path):
+    again = write_sample(tmp_path / "again", pages=PAGES, shards=2)
+    for name in ("data-00000-of-00002.arrow", "data-00001-of-00002.arrow"):
+        assert (sample / name).read_bytes() == (again / name).read_bytes()
+    other_seed = write_sample(tmp_path / "seed1", pages=PAGES, shards=2, seed=1)
+    assert [r["image"]["bytes"] for r in _read_rows(other_seed)] != [r["image"]["bytes"] for r in _read_rows(sample)]
+
+
+def test_shard_files_are_named_like_save_to_disk(sample, tmp_path):
+    assert sorted(p.name for p in sample.glob("*.arrow")) == ["data-00000-of-00002.arrow", "data-00001-of-00002.arrow"]
+    three = write_sample(tmp_path / "three", pages=3, shards=3)
+    assert sorted(p.name for p in three.glob("*.arrow")) == [f"data-0000{i}-of-00003.arrow" for i in range(3)]
+    with pa.memory_map(str(three / "data-00001-of-00003.arrow")) as source:
+        assert pa.ipc.open_stream(source).read_all().num_rows == 1
+
+
+def test_rows_hold_png_and_jpeg_letter_pages(sample):
+    rows = _read_rows(sample)
+    assert [r["id"] for r in rows] == [f"sample-{i:04d}" for i in range(PAGES)]
+    features = datasets.load_from_disk(str(sample)).features
+    assert isinstance(features["image"], datasets.Image)
+    for i, row in enumerate(rows):
+        data = row["image"]["bytes"]
+        assert data.startswith(b"\x89PNG") if i % 2 == 0 else data.startswith(b"\xff\xd8\xff")
+        with Image.open(io.BytesIO(data)) as img:
+            assert img.format == ("PNG" if i % 2 == 0 else "JPEG")
+            assert img.size == (PAGE_WIDTH, PAGE_HEIGHT)
+            assert img.mode == "RGB"
+
+
+def test_ground_truth_is_body_text_only(sample):
+    banned = set(words(HEADER_TEXT + " " + FOOTER_TEXT)) - {"of"}
+    known = set(VOCABULARY) | {w.lower() for w in TABLE_HEADERS} | {"figure", "table"}
+    for row in _read_rows(sample):
+        truth = row["ground_truth"]
+        tokens = words(truth)
+        assert len(tokens) > 150
+        assert not banned & set(tokens)
+        # Only vocabulary words and numbers: no formula LaTeX, no chart labels.
+        assert "\\" not in truth and "$" not in truth
+        assert {t for t in tokens if not t.isdigit()} <= known
+
+
+def test_existing_folder_is_replaced_without_leftovers(tmp_path):
+    dest = tmp_path / "ds"
+    dest.mkdir()
+    (dest / "stale.txt").write_text("old")
+    assert write_sample(dest, pages=2, shards=1) == dest.absolute()
+    assert sorted(p.name for p in dest.iterdir()) == ["data-00000-of-00001.arrow", "dataset_info.json", "state.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_bad_shard_count_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="shards"):
+        write_sample(tmp_path / "ds", pages=2, shards=3)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_pages_carry_header_footer_title_and_varied_layouts():
+    first, truth = render_page(0)
+    arr = np.asarray(first)
+    ink = arr.min(axis=2) < 128
+    assert ink[40:80].any() and ink[PAGE_HEIGHT - 80 : PAGE_HEIGHT - 40].any()  # header and footer
+    assert not ink[:, :90].any() and not ink[:, PAGE_WIDTH - 90 :].any()  # side margins stay clear
+    assert (arr[..., 0].astype(int) - arr[..., 2]).__abs__().max() > 60  # a coloured chart
+    title = truth.split("\n")[0]
+    assert title.istitle() and not re.match(r"\d", title)
+    second_truth = render_page(1)[1]
+    assert re.match(r"\d+\.\d+ ", second_truth)  # later pages open with a numbered heading
+    assert render_page(0)[1] == truth and render_page(0)[0].tobytes() == first.tobytes()
+    assert truth != render_page(0, seed=1)[1]
+    captions = [t for t in (render_page(i)[1] for i in range(PAGES)) if "Table " in t and "Figure " in t]
+    assert captions  # tables and figures appear on at least one page with their captions
+
+
+def test_title_ink_reads_as_its_ground_truth():
+    from rapidocr import RapidOCR
+
+    page, truth = render_page(0)
+    title = words(truth.split("\n")[0])
+    # Only the recognizer on the title's first line: whole-page OCR is too slow for a test.
+    line = np.ascontiguousarray(np.asarray(page)[BODY_TOP - 10 : BODY_TOP + 55, 90:-90, ::-1])
+    result = RapidOCR(params={"Global.log_level": "error"})(line, use_det=False, use_cls=False)
+    read = words(" ".join(result.txts or ()))
+    assert len(read) >= 3
+    assert read == title[: len(read)]
