@@ -1,0 +1,203 @@
+"""The layout stage: regions of every page, labelled with a task and numbered in reading order.
+
+Each page is decoded once (on a small thread pool, one batch ahead of the model: cv2 releases
+the GIL), the backend detects regions in batches, abandoned labels (headers, footers) are
+dropped, ink outside every model box is recovered as extra text regions, and the kept regions
+are put in reading order. A page that cannot be decoded or fails in the model becomes one
+error row; the partition goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ocr_assets import config
+from ocr_assets.backends.layout.base import Detection, LayoutBackend
+from ocr_assets.imaging import decode_page
+from ocr_assets.schemas import LAYOUT, PAGE_ERROR_REGION
+from ocr_assets.stages.reading_order import order_detections
+from ocr_assets.stages.recovery import recover_text_boxes
+from ocr_assets.timing import StageReport, timed_stage
+
+ImageAt = Callable[[int], "bytes | memoryview | None"]
+DUPLICATE_IOU = 0.8  # two labels for (nearly) the same box: one of them stands
+CONTAINED_SHARE = 0.9  # a region this much inside a larger one of the same task is read there
+
+
+def _decode(image_at: ImageAt, row: int) -> tuple[np.ndarray | None, str | None, float]:
+    """(page, error, seconds) for source row ``row``; never raises."""
+    start = time.perf_counter()
+    try:
+        data = image_at(row)
+        if data is None:
+            return None, "no image bytes for this page's source row", time.perf_counter() - start
+        return decode_page(data), None, time.perf_counter() - start
+    except Exception as exc:  # one bad page must not stop the shard
+        return None, f"page image could not be decoded: {exc}", time.perf_counter() - start
+
+
+def _pairwise_intersection(boxes: np.ndarray) -> np.ndarray:
+    """(n, n) intersection areas of corner boxes."""
+    lt = np.maximum(boxes[:, None, :2], boxes[None, :, :2])
+    rb = np.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+    return np.prod(np.clip(rb - lt, 0, None), axis=2)
+
+
+def _drop_duplicates(dets: list[Detection], label_tasks: dict[str, str]) -> list[Detection]:
+    """Drop detections that repeat another's box under a second label (CDLA often says header *and* text).
+
+    An abandon label wins (the region is dropped on purpose), otherwise the better score.
+    """
+    if len(dets) < 2:
+        return dets
+    boxes = np.array([[d.x0, d.y0, d.x1, d.y1] for d in dets], dtype=np.float64)
+    abandon = [label_tasks.get(d.label) == config.ABANDON for d in dets]
+    order = np.lexsort(([-d.score for d in dets], np.logical_not(abandon)))
+    b = boxes[order]
+    inter = _pairwise_intersection(b)
+    area = np.prod(b[:, 2:] - b[:, :2], axis=1)
+    iou = inter / np.maximum(area[:, None] + area[None, :] - inter, 1e-9)
+    # a box is a duplicate if a box ranked before it overlaps it that much
+    dup = (np.triu(iou, k=1) > DUPLICATE_IOU).any(axis=0)
+    return [dets[i] for i in sorted(order[~dup].tolist())]
+
+
+def _drop_contained(regions: list[tuple[Detection, str, str]]) -> list[tuple[Detection, str, str]]:
+    """Drop a region lying (almost) wholly inside another region of the same task: its text is read there."""
+    if len(regions) < 2:
+        return regions
+    boxes = np.array([[d.x0, d.y0, d.x1, d.y1] for d, _, _ in regions], dtype=np.float64)
+    tasks = np.array([t for _, t, _ in regions])
+    inter = _pairwise_intersection(boxes)
+    np.fill_diagonal(inter, 0)
+    area = np.maximum(np.prod(boxes[:, 2:] - boxes[:, :2], axis=1), 1e-9)
+    inside = (inter / area[:, None] >= CONTAINED_SHARE) & (tasks[:, None] == tasks[None, :])
+    inside &= area[:, None] <= area[None, :]  # only the smaller of two boxes goes
+    drop = inside.any(axis=1)
+    return [r for r, d in zip(regions, drop.tolist()) if not d]
+
+
+def _page_regions(
+    page: np.ndarray, dets: list[Detection], label_tasks: dict[str, str], recover_text: bool,
+    report: StageReport,
+) -> list[tuple[Detection, str, str]]:
+    """(detection, task, source) of one page's kept regions, in reading order."""
+    found = len(dets)
+    # every model box counts as covered, abandoned and duplicate ones included
+    covered = np.array([[d.x0, d.y0, d.x1, d.y1] for d in dets], dtype=np.int64).reshape(-1, 4)
+    dets = _drop_duplicates(dets, label_tasks)
+    kept: list[tuple[Detection, str, str]] = []
+    abandoned = 0
+    for d in dets:
+        task = label_tasks.get(d.label, "text")
+        if task == config.ABANDON:
+            abandoned += 1
+            continue
+        kept.append((d, task, "model"))
+    kept = _drop_contained(kept)
+    report.count("abandoned_regions", abandoned)
+    report.count("duplicate_regions", found - len(kept) - abandoned)
+    if recover_text:
+        with report.part("recovery"):
+            for x0, y0, x1, y1 in recover_text_boxes(page, covered).tolist():
+                kept.append((Detection(config.RECOVERED_LABEL, 0.0, x0, y0, x1, y1), "text", "recovered"))
+    height, width = page.shape[:2]
+    order = order_detections([k[0] for k in kept], width, height)
+    return [kept[i] for i in order.tolist()]
+
+
+def run_layout(
+    pages: pa.Table,
+    image_at: ImageAt,
+    backend: LayoutBackend,
+    *,
+    recover_text: bool = True,
+    report: StageReport | None = None,
+) -> tuple[pa.Table, StageReport]:
+    """Layout regions of the ``ok`` pages of a PAGES table, as a LAYOUT table.
+
+    ``image_at(row)`` returns the stored image bytes of source row ``row``. Regions are
+    numbered ``region`` 0..n-1 in reading order per page; source is ``model`` or
+    ``recovered`` (ink outside every model box, when ``recover_text``).
+    """
+    report = report if report is not None else StageReport()
+    report.info["backend"] = backend.name
+    report.info["batch_size"] = backend.batch_size
+    for name in ("regions", "recovered_regions", "errors", "abandoned_regions"):
+        report.count(name, 0)
+    cols: dict[str, list] = {name: [] for name in LAYOUT.names}
+
+    def emit(page_id, region, label, task, score, box, source, status="ok", error=None):
+        for name, value in zip(
+            ("page_id", "region", "label", "task", "score", "source", "status", "error"),
+            (page_id, region, label, task, score, source, status, error),
+        ):
+            cols[name].append(value)
+        for name, value in zip(("x0", "y0", "x1", "y1"), box):
+            cols[name].append(value)
+
+    def emit_error(page_id, reason):
+        report.count("errors")
+        emit(page_id, PAGE_ERROR_REGION, "page", "skip", None, (None,) * 4, None, "error", reason)
+
+    with timed_stage(report):
+        ok = pc.equal(pages.column("status"), "ok")
+        todo = pages.filter(ok)
+        page_ids = todo.column("page_id").to_pylist()
+        rows = todo.column("row").to_pylist()
+        size = max(1, int(backend.batch_size))
+        batches = [range(i, min(i + size, len(rows))) for i in range(0, len(rows), size)]
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="layout-decode") as pool:
+            def submit(batch: range) -> list[Future]:
+                return [pool.submit(_decode, image_at, rows[i]) for i in batch]
+
+            pending = submit(batches[0]) if batches else []
+            for b, batch in enumerate(batches):
+                decoded = [f.result() for f in pending]
+                # the next batch decodes while the model runs on this one
+                pending = submit(batches[b + 1]) if b + 1 < len(batches) else []
+                report.parts["decode"] = report.parts.get("decode", 0.0) + sum(d[2] for d in decoded)
+                report.pages += len(batch)
+                good = [(i, page) for i, (page, err, _) in zip(batch, decoded) if err is None]
+                # per page: detections, or the reason it failed
+                outcome = {i: err for i, (_, err, _) in zip(batch, decoded) if err is not None}
+                outcome.update(zip((i for i, _ in good), _detect(backend, [p for _, p in good], report)))
+                pages_by_index = dict(good)
+                for i in batch:
+                    if isinstance(outcome[i], str):
+                        emit_error(page_ids[i], outcome[i])
+                        continue
+                    regions = _page_regions(
+                        pages_by_index[i], outcome[i], backend.label_tasks, recover_text, report
+                    )
+                    for n, (d, task, source) in enumerate(regions):
+                        emit(page_ids[i], n, d.label, task, d.score, (d.x0, d.y0, d.x1, d.y1), source)
+                    report.count("regions", len(regions))
+                    report.count("recovered_regions", sum(s == "recovered" for _, _, s in regions))
+                del decoded, good, pages_by_index  # free the page arrays before the next batch
+        table = pa.table(cols, schema=LAYOUT)
+    return table, report
+
+
+def _detect(backend: LayoutBackend, images: list[np.ndarray], report: StageReport) -> list:
+    """Detections per image; where the batch fails, each page alone, a failing page giving its reason."""
+    if not images:
+        return []
+    try:
+        return backend.detect(images, report)
+    except Exception as exc:
+        if len(images) == 1:
+            return [f"layout model failed on this page: {type(exc).__name__}: {exc}"]
+    out: list = []
+    for image in images:
+        try:
+            out.append(backend.detect([image], report)[0])
+        except Exception as exc:
+            out.append(f"layout model failed on this page: {type(exc).__name__}: {exc}")
+    return out
