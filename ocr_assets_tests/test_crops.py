@@ -1,0 +1,79 @@
+"""The crops stage on a rendered page: sizes, pixels, pass-through of skip and error rows."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageDraw, ImageFont
+
+from ocr_assets.imaging import decode_page
+from ocr_assets.schemas import CROPS, LAYOUT, PAGE_ERROR_REGION, PAGES
+from ocr_assets.stages.crops import make_crops
+
+
+def _page() -> np.ndarray:
+    """A 600×400 BGR page with two lines of text and a grey figure."""
+    image = Image.new("RGB", (600, 400), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(24)
+    draw.text((40, 40), "Crops keep every pixel", fill="black", font=font)
+    draw.text((40, 120), "second paragraph here", fill=(20, 40, 200), font=font)
+    draw.rectangle((300, 200, 560, 380), fill=(120, 130, 140))
+    return np.asarray(image)[:, :, ::-1].copy()
+
+
+def _layout_row(page_id, region, task, box, status="ok", error=None):
+    x0, y0, x1, y1 = box
+    return dict(page_id=page_id, region=region, label=task, task=task, score=0.9, x0=x0, y0=y0,
+                x1=x1, y1=y1, source="model", status=status, error=error)
+
+
+def _pages_table(ids):
+    return pa.Table.from_pylist(
+        [dict(page_id=p, shard="s", row=i, format="png", width=600, height=400, nbytes=1, status="ok",
+              error=None) for i, p in enumerate(ids)],
+        schema=PAGES,
+    )
+
+
+def test_crops_match_page_slices_and_pass_through_errors():
+    page = _page()
+    encoded = [cv2.imencode(".png", page)[1].tobytes(), b"not an image"]
+    boxes = [(40, 40, 400, 80), (0, 110, 320, 160), (300, 200, 600, 400)]
+    rows = [_layout_row("a", i, task, box) for i, (task, box) in enumerate(zip(("text", "text", "skip"), boxes))]
+    rows.append(_layout_row("a", 3, "text", (50, 50, 50, 90)))  # zero width
+    rows.append(_layout_row("b", 0, "text", (0, 0, 10, 10)))  # page that does not decode
+    rows.append(_layout_row("c", PAGE_ERROR_REGION, "skip", (0, 0, 0, 0), "error", "layout failed: boom"))
+    layout = pa.Table.from_pylist(rows, schema=LAYOUT)
+
+    table, report = make_crops(layout, lambda row: encoded[row], _pages_table(["a", "b", "c"]), padding=4)
+
+    assert table.schema == CROPS
+    got = table.to_pylist()
+    assert [r["region"] for r in got] == [0, 1, 2, 3, 0, PAGE_ERROR_REGION]
+    for r, (x0, y0, x1, y1) in zip(got[:3], boxes):
+        expected = page[max(0, y0 - 4):min(400, y1 + 4), max(0, x0 - 4):min(600, x1 + 4)]
+        assert r["status"] == "ok" and r["format"] == "png"
+        assert (r["height"], r["width"]) == expected.shape[:2]
+        np.testing.assert_array_equal(decode_page(r["image"]), expected)
+    assert got[2]["task"] == "skip"
+    assert got[3]["status"] == "error" and "empty box" in got[3]["error"]
+    assert got[4]["status"] == "error" and "decoded" in got[4]["error"]
+    assert got[5]["status"] == "error" and got[5]["error"] == "layout failed: boom" and got[5]["image"] == b""
+    assert report.pages == 3
+    assert report.counts == {"regions": 5, "errors": 3}
+
+
+def test_jpeg_crops_and_missing_pages():
+    page = _page()
+    encoded = cv2.imencode(".png", page)[1].tobytes()
+    layout = pa.Table.from_pylist(
+        [_layout_row("a", 0, "text", (40, 40, 400, 80)), _layout_row("zz", 0, "text", (0, 0, 5, 5))],
+        schema=LAYOUT,
+    )
+    table, _ = make_crops(layout, lambda row: encoded, {"a": 0}, fmt="jpeg", padding=0)
+    a, missing = table.to_pylist()
+    assert a["format"] == "jpeg" and a["image"][:2] == b"\xff\xd8"
+    assert (a["width"], a["height"]) == (360, 40)
+    assert missing["status"] == "error" and "not in the pages table" in missing["error"]

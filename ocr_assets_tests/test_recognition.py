@@ -1,0 +1,108 @@
+"""The local PP-OCRv6 recognizer and the recognition stage, on crops rendered in the test."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from ocr_assets.backends.recognition.base import Crop
+from ocr_assets.backends.recognition.rapidocr_local import RapidOcrRecognizer, reading_order_lines
+from ocr_assets.imaging import encode_image
+from ocr_assets.schemas import CROPS, PAGE_ERROR_REGION, RECOGNITION
+from ocr_assets.stages.recognition import run_recognition
+
+LINE = "The quick brown fox jumps over the lazy dog"
+PARAGRAPH = ["Layout regions are read one", "crop at a time in reading", "order by the local model"]
+
+
+def _f1(predicted: str, reference: str) -> float:
+    """Word F1 of two texts, as bags of lowercase words."""
+    pred, ref = Counter(predicted.lower().split()), Counter(reference.lower().split())
+    matched = sum((pred & ref).values())
+    if not matched:
+        return 0.0
+    precision, recall = matched / sum(pred.values()), matched / sum(ref.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def _render(lines: list[str], size: int = 26) -> np.ndarray:
+    """BGR crop with the lines drawn in black, 1.5 line spacing, a small margin."""
+    font = ImageFont.truetype("DejaVuSans.ttf", size) if _has_dejavu() else ImageFont.load_default(size)
+    width = int(max(font.getlength(line) for line in lines)) + 16
+    image = Image.new("RGB", (width, int(len(lines) * size * 1.5) + 12), "white")
+    draw = ImageDraw.Draw(image)
+    for i, line in enumerate(lines):
+        draw.text((8, 6 + int(i * size * 1.5)), line, fill="black", font=font)
+    return np.asarray(image)[:, :, ::-1].copy()
+
+
+def _has_dejavu() -> bool:
+    try:
+        ImageFont.truetype("DejaVuSans.ttf", 10)
+        return True
+    except OSError:
+        return False
+
+
+def _crop(task: str, lines: list[str]) -> Crop:
+    image = _render(lines)
+    return Crop(task, encode_image(image), image.shape[1], image.shape[0])
+
+
+@pytest.fixture(scope="module")
+def recognizer() -> RapidOcrRecognizer:
+    return RapidOcrRecognizer(batch_size=2)
+
+
+def test_reads_a_line_and_a_paragraph_and_survives_a_corrupt_crop(recognizer):
+    line, paragraph, corrupt = recognizer.recognize(
+        [_crop("text", [LINE]), _crop("text", PARAGRAPH), Crop("text", b"\x89PNG broken", 10, 10)]
+    )
+    assert line.status == "ok" and _f1(line.text, LINE) >= 0.9, line.text
+    assert paragraph.status == "ok" and _f1(paragraph.text, " ".join(PARAGRAPH)) >= 0.9, paragraph.text
+    assert paragraph.text.count("\n") == len(PARAGRAPH) - 1  # one text line per rendered line, in order
+    assert paragraph.text.split("\n")[0].lower().startswith("layout")
+    assert corrupt.status == "error" and corrupt.text == "" and corrupt.error
+
+
+def test_reading_order_groups_rows_and_sorts_left_to_right():
+    def box(x0, y0, x1, y1):
+        return [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
+
+    boxes = np.array([box(200, 52, 300, 80), box(0, 0, 90, 30), box(0, 50, 100, 78), box(120, 2, 200, 28)])
+    assert reading_order_lines(boxes, ["d", "a", "c", "b"]) == [["a", "b"], ["c", "d"]]
+
+
+def test_stage_schema_pass_through_and_counts(recognizer):
+    line = _crop("text", [LINE])
+    table_crop = _crop("table", ["Name    Value"])
+    crops = pa.Table.from_pylist(
+        [
+            dict(page_id="p", region=0, task="text", image=line.image, format="png", width=line.width,
+                 height=line.height, status="ok", error=None),
+            dict(page_id="p", region=1, task="skip", image=line.image, format="png", width=line.width,
+                 height=line.height, status="ok", error=None),
+            dict(page_id="p", region=2, task="text", image=b"", format=None, width=0, height=0,
+                 status="error", error="empty box"),
+            dict(page_id="p", region=3, task="table", image=table_crop.image, format="png",
+                 width=table_crop.width, height=table_crop.height, status="ok", error=None),
+            dict(page_id="q", region=PAGE_ERROR_REGION, task="skip", image=b"", format=None, width=0,
+                 height=0, status="error", error="layout failed"),
+        ],
+        schema=CROPS,
+    )
+    table, report = run_recognition(crops, recognizer, chunk_rows=2)
+    assert table.schema == RECOGNITION
+    rows = table.to_pylist()
+    assert [(r["page_id"], r["region"]) for r in rows] == [("p", 0), ("p", 1), ("p", 2), ("p", 3), ("q", -1)]
+    assert _f1(rows[0]["text"], LINE) >= 0.9
+    assert rows[1] == dict(page_id="p", region=1, task="skip", text="", status="ok", error=None)
+    assert (rows[2]["status"], rows[2]["error"]) == ("error", "empty box")
+    assert "name" in rows[3]["text"].lower() and rows[3]["status"] == "ok"
+    assert (rows[4]["status"], rows[4]["error"]) == ("error", "layout failed")
+    assert report.counts == {"regions": 4, "recognized": 2, "skipped": 1, "errors": 2, "empty_text": 0}
+    assert report.pages == 2 and report.parts["recognize"] > 0
