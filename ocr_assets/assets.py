@@ -1,7 +1,5 @@
 """The five partitioned assets. Each is thin: read upstream Parquet, call its stage, write Parquet, report."""
 
-from __future__ import annotations
-
 import logging
 
 import dagster as dg

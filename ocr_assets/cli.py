@@ -75,8 +75,8 @@ def run_pipeline(partitions: list[str], select: list[str]) -> int:
 
     home = _instance_home()
     resources = defs.resources
-    dataset = resources["dataset"]
     try:
+        dataset = resources["dataset"].process_config_and_initialize()  # resolves its EnvVars
         location = dataset.location()
         shards = [ref.key for ref in dataset.shards()]
     except ValueError as exc:

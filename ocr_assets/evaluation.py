@@ -15,6 +15,8 @@ from collections.abc import Iterable
 
 # HTML/XML tags such as <td>, </tr>, <br/>, <table border="1">.
 _TAG = re.compile(r"<[^<>]{0,200}>")
+# Markdown images (`![figure](page#x0,y0,x1,y1)`): placeholders for regions kept as pictures.
+_MD_IMAGE = re.compile(r"!\[[^\]]{0,200}\]\([^)]{0,500}\)")
 # LaTeX control words (\frac, \int, \alpha) carry no page words.
 _LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
 # A word: a run of letters or digits; everything else (punctuation, #, |, $, *, _) separates.
@@ -24,13 +26,14 @@ _WORD = re.compile(r"[^\W_]+")
 def words(text: str) -> list[str]:
     """Split text into lowercase word tokens, dropping punctuation and Markdown/HTML/LaTeX markup.
 
-    Letters and digits are kept; tags (`<td>`), LaTeX commands (`\\frac`), entities (`&amp;`),
+    Letters and digits are kept; Markdown image placeholders, tags (`<td>`), LaTeX commands (`\\frac`), entities (`&amp;`),
     and symbols such as `#`, `|`, `$$`, `**` are removed, so the same words compare equal
     whatever markup surrounds them.
     """
     if not text:
         return []
     # NFKC folds ligatures and full-width forms that OCR models sometimes emit.
+    text = _MD_IMAGE.sub(" ", text)
     text = unicodedata.normalize("NFKC", html.unescape(_TAG.sub(" ", text)))
     text = _LATEX_COMMAND.sub(" ", text)
     return _WORD.findall(text.lower())

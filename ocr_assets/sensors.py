@@ -1,7 +1,5 @@
 """The shard sensor: new shards in the dataset become partitions, and a run for each."""
 
-from __future__ import annotations
-
 import dagster as dg
 
 from ocr_assets.partitions import SHARDS, shards_partitions
@@ -10,7 +8,6 @@ from ocr_assets.resources import DatasetResource
 ocr_job = dg.define_asset_job(
     "ocr_pipeline",
     selection=dg.AssetSelection.groups("ocr"),
-    partitions_def=shards_partitions,
     description="Every stage, pages → documents, for one shard.",
 )
 

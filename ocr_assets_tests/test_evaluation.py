@@ -61,3 +61,10 @@ def test_scores_are_symmetric_and_bounded(a, b):
     assert f_ab == pytest.approx(f_ba)
     assert 0.0 <= f_ab <= 1.0
     assert word_scores(a, a) == (1.0, 1.0, 1.0)
+
+
+def test_markdown_image_placeholders_carry_no_words():
+    from ocr_assets.evaluation import words
+
+    assert words("Intro\n\n![figure](shard/3#105,738,614,1005)\n\nFigure 2: bars") == [
+        "intro", "figure", "2", "bars"]

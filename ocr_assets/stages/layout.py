@@ -27,7 +27,7 @@ from ocr_assets.timing import StageReport, timed_stage
 
 ImageAt = Callable[[int], "bytes | memoryview | None"]
 DUPLICATE_IOU = 0.8  # two labels for (nearly) the same box: one of them stands
-CONTAINED_SHARE = 0.9  # a region this much inside a larger one of the same task is read there
+MERGE_SHARE = 0.2  # same-task regions sharing this much of the smaller box are read as one
 
 
 def _decode(image_at: ImageAt, row: int) -> tuple[np.ndarray | None, str | None, float]:
@@ -68,19 +68,29 @@ def _drop_duplicates(dets: list[Detection], label_tasks: dict[str, str]) -> list
     return [dets[i] for i in sorted(order[~dup].tolist())]
 
 
-def _drop_contained(regions: list[tuple[Detection, str, str]]) -> list[tuple[Detection, str, str]]:
-    """Drop a region lying (almost) wholly inside another region of the same task: its text is read there."""
-    if len(regions) < 2:
-        return regions
-    boxes = np.array([[d.x0, d.y0, d.x1, d.y1] for d, _, _ in regions], dtype=np.float64)
-    tasks = np.array([t for _, t, _ in regions])
-    inter = _pairwise_intersection(boxes)
-    np.fill_diagonal(inter, 0)
-    area = np.maximum(np.prod(boxes[:, 2:] - boxes[:, :2], axis=1), 1e-9)
-    inside = (inter / area[:, None] >= CONTAINED_SHARE) & (tasks[:, None] == tasks[None, :])
-    inside &= area[:, None] <= area[None, :]  # only the smaller of two boxes goes
-    drop = inside.any(axis=1)
-    return [r for r, d in zip(regions, drop.tolist()) if not d]
+def _merge_overlapping(regions: list[tuple[Detection, str, str]]) -> list[tuple[Detection, str, str]]:
+    """Merge regions of the same task that overlap by MERGE_SHARE of the smaller one into their union.
+
+    CDLA often boxes one paragraph twice, offset (or once inside a larger box): read apart,
+    the shared lines would be read twice. A box wholly inside another simply disappears.
+    """
+    regions = list(regions)
+    while len(regions) > 1:
+        boxes = np.array([[d.x0, d.y0, d.x1, d.y1] for d, _, _ in regions], dtype=np.float64)
+        tasks = np.array([t for _, t, _ in regions])
+        inter = _pairwise_intersection(boxes)
+        area = np.maximum(np.prod(boxes[:, 2:] - boxes[:, :2], axis=1), 1e-9)
+        share = inter / np.minimum(area[:, None], area[None, :])
+        share[(tasks[:, None] != tasks[None, :]) | np.tri(len(regions), dtype=bool)] = 0
+        i, j = np.unravel_index(int(np.argmax(share)), share.shape)
+        if share[i, j] < MERGE_SHARE:
+            break
+        (a, task, source), (b, _, _) = regions[i], regions[j]
+        keep = a if area[i] >= area[j] else b  # the larger box names the merged region
+        merged = Detection(keep.label, max(a.score, b.score), min(a.x0, b.x0), min(a.y0, b.y0),
+                           max(a.x1, b.x1), max(a.y1, b.y1), keep.order)
+        regions = [r for k, r in enumerate(regions) if k not in (i, j)] + [(merged, task, source)]
+    return regions
 
 
 def _page_regions(
@@ -100,7 +110,7 @@ def _page_regions(
             abandoned += 1
             continue
         kept.append((d, task, "model"))
-    kept = _drop_contained(kept)
+    kept = _merge_overlapping(kept)
     report.count("abandoned_regions", abandoned)
     report.count("duplicate_regions", found - len(kept) - abandoned)
     if recover_text:

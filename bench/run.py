@@ -1,0 +1,137 @@
+"""Benchmarks of the embedded CPU default, each against a baseline run on the same shard in the same run.
+
+    python bench/run.py [--pages N] [--e2e-pages N] [--out bench/out]
+
+Prints one table: Stage 0 (`pages`) against decoding + re-encoding JPEG + writing files,
+the `crops` stage in pages/s, and the pipeline end to end (layout → crops → recognition
+→ documents, models loaded beforehand on both sides) against rapidocr on whole pages,
+with word F1 against the sample's ground truth for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from datasets import load_from_disk
+from PIL import Image
+
+from ocr_assets.backends.layout import create_layout_backend
+from ocr_assets.backends.recognition import create_recognizer
+from ocr_assets.dataset import list_shards, open_shard
+from ocr_assets.evaluation import corpus_word_scores
+from ocr_assets.imaging import decode_page
+from ocr_assets.sample import write_sample
+from ocr_assets.stages.crops import make_crops
+from ocr_assets.stages.documents import assemble_documents
+from ocr_assets.stages.layout import run_layout
+from ocr_assets.stages.pages import extract_pages
+from ocr_assets.stages.recognition import run_recognition
+from ocr_assets.storage import ParquetStore
+
+
+def bench_stage0(shard, store: ParquetStore, scratch: Path, repeat: int) -> tuple[float, float]:
+    """Seconds for the `pages` stage (header read + Parquet write) and for the decode/re-encode/write path."""
+    ours = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        table, _ = extract_pages(shard)
+        store.write("pages", shard.key, table)
+        ours.append(time.perf_counter() - start)
+    out = scratch / "baseline_pages"
+    out.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    for row in range(shard.num_rows):
+        data = shard.image_at(row)
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        image.save(out / f"{row:06d}.jpg", format="JPEG", quality=95)
+    baseline = time.perf_counter() - start
+    return min(ours), baseline
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pages", type=int, default=32, help="pages in the bench shard")
+    parser.add_argument("--e2e-pages", type=int, default=16, help="pages of that shard run end to end")
+    parser.add_argument("--out", default="bench/out", help="where the bench dataset and results go")
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    data = out / f"dataset-{args.pages}"
+    if not (data / "state.json").exists():
+        write_sample(data, pages=args.pages, shards=1)
+    ref = list_shards(str(data))[0]
+    shard = open_shard(str(data), ref.key, id_column="id")
+    scratch = Path(tempfile.mkdtemp(prefix="ocr-bench-"))
+    store = ParquetStore(str(scratch / "store"))
+    rows = []
+
+    # Stage 0.
+    ours, baseline = bench_stage0(shard, store, scratch, repeat=5)
+    rows.append(("pages (stage 0)", f"{shard.num_rows / ours:,.0f} pages/s",
+                 "decode + JPEG re-encode + write", f"{shard.num_rows / baseline:,.1f} pages/s",
+                 f"{baseline / ours:,.0f}x", ">= 100x"))
+
+    # Crops, on layout computed once.
+    pages_table, _ = extract_pages(shard)
+    backend = create_layout_backend("picodet-cdla")
+    layout_table, layout_report = run_layout(pages_table, shard.image_at, backend)
+    crop_runs = [make_crops(layout_table, shard.image_at, pages_table)[1] for _ in range(3)]
+    best = min(crop_runs, key=lambda r: r.stage_seconds)
+    rows.append(("crops", f"{best.pages_per_second:.1f} pages/s", "-", "-", "-", ">= 20 pages/s"))
+
+    # End to end on the first e2e-pages pages, models loaded on both sides beforehand.
+    n = min(args.e2e_pages, shard.num_rows)
+    e2e_pages = pages_table.slice(0, n)
+    recognizer = create_recognizer("local")
+    start = time.perf_counter()
+    lay, lay_r = run_layout(e2e_pages, shard.image_at, backend)
+    crops, crop_r = make_crops(lay, shard.image_at, e2e_pages)
+    rec, rec_r = run_recognition(crops, recognizer)
+    docs, doc_r = assemble_documents(e2e_pages, lay, rec)
+    ours_seconds = time.perf_counter() - start
+
+    truths = load_from_disk(str(data))["ground_truth"][:n]
+    ours_f1 = corpus_word_scores(zip(docs.column("markdown").to_pylist(), truths))
+
+    recognizer.recognize_page(decode_page(shard.image_at(0)))  # load the whole-page models first
+    start = time.perf_counter()
+    whole = [recognizer.recognize_page(decode_page(shard.image_at(row))) for row in range(n)]
+    base_seconds = time.perf_counter() - start
+    base_f1 = corpus_word_scores(zip(whole, truths))
+    rows.append(("end to end", f"{n / ours_seconds:.3f} pages/s", "rapidocr, whole page",
+                 f"{n / base_seconds:.3f} pages/s", f"{base_seconds / ours_seconds:.2f}x", ">= 1.0x"))
+    rows.append(("word F1", f"{ours_f1[2]:.4f}", "rapidocr, whole page", f"{base_f1[2]:.4f}",
+                 f"{ours_f1[2] - base_f1[2]:+.4f}", ">= 0.95, >= baseline - 0.01"))
+
+    parts = {
+        "layout": lay_r.stage_seconds, "crops": crop_r.stage_seconds,
+        "recognition": rec_r.stage_seconds, "documents": doc_r.stage_seconds,
+    }
+    header = ("measure", "ours", "baseline", "baseline value", "ratio", "goal")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    print(f"\nocr_assets bench: {shard.num_rows}-page shard ({n} end to end), "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores\n")
+    print(line)
+    print("-" * len(line))
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    print("\nend-to-end seconds per stage: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
+    print("layout parts (s): " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(lay_r.parts.items())))
+    print(f"precision/recall ours {ours_f1[0]:.4f}/{ours_f1[1]:.4f}, "
+          f"whole page {base_f1[0]:.4f}/{base_f1[1]:.4f}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "stage_seconds": parts}, indent=2))
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
