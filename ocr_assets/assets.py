@@ -74,7 +74,10 @@ def layout(
     pages_table = storage.store().read("pages", context.partition_key)
     backend, load_seconds = layout_model.load()
     shard = dataset.open(context.partition_key)
-    table, report = run_layout(pages_table, shard.image_at, backend, recover_text=layout_model.recover_text)
+    table, report = run_layout(
+        pages_table, shard.image_at, backend, recover_text=layout_model.recover_text,
+        report=StageReport(label=f"layout {context.partition_key}"),
+    )
     return publish(context, storage, table, report, model_load_seconds=load_seconds)
 
 
@@ -99,7 +102,9 @@ def recognition(context: dg.AssetExecutionContext, storage: StorageResource, rec
     """One row per region: the text read from its crop with the prompt of its task."""
     crops_table = storage.store().read("crops", context.partition_key)
     backend, load_seconds = recognizer.load()
-    table, report = run_recognition(crops_table, backend)
+    table, report = run_recognition(
+        crops_table, backend, report=StageReport(label=f"recognition {context.partition_key}")
+    )
     return publish(context, storage, table, report, model_load_seconds=load_seconds)
 
 

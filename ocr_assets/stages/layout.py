@@ -174,6 +174,7 @@ def run_layout(
                 pending = submit(batches[b + 1]) if b + 1 < len(batches) else []
                 report.parts["decode"] = report.parts.get("decode", 0.0) + sum(d[2] for d in decoded)
                 report.pages += len(batch)
+                report.advance(len(batch), len(rows))
                 good = [(i, page) for i, (page, err, _) in zip(batch, decoded) if err is None]
                 # per page: detections, or the reason it failed
                 outcome = {i: err for i, (_, err, _) in zip(batch, decoded) if err is not None}

@@ -17,7 +17,9 @@ from ocr_assets.timing import StageReport, timed_stage
 CHUNK_ROWS = 1024
 
 
-def _recognize_chunk(batch: pa.RecordBatch, recognizer: Recognizer, report: StageReport) -> pa.RecordBatch:
+def _recognize_chunk(
+    batch: pa.RecordBatch, recognizer: Recognizer, report: StageReport, total: int
+) -> pa.RecordBatch:
     """RECOGNITION rows for one record batch of CROPS rows."""
     tasks = batch.column("task").to_pylist()
     statuses = batch.column("status").to_pylist()
@@ -47,6 +49,7 @@ def _recognize_chunk(batch: pa.RecordBatch, recognizer: Recognizer, report: Stag
             crops = [Crop(tasks[i], images[i].as_py() or b"", widths[i] or 0, heights[i] or 0) for i in idx]
             with report.part("recognize"):
                 results = recognizer.recognize(crops)
+            report.advance(len(idx), total, "regions")
             if len(results) != len(crops):
                 raise RuntimeError(
                     f"recognizer {recognizer.name!r} returned {len(results)} results for {len(crops)} crops"
@@ -95,7 +98,7 @@ def run_recognition(
         report.parts.setdefault("recognize", 0.0)
         crops = crops.select(RECOGNITION.names[:3] + ["image", "width", "height", "status", "error"])
         batches = [
-            _recognize_chunk(batch, recognizer, report)
+            _recognize_chunk(batch, recognizer, report, crops.num_rows)
             for batch in crops.to_batches(max_chunksize=chunk_rows)
         ]
         table = pa.Table.from_batches(batches, schema=RECOGNITION)

@@ -1,0 +1,65 @@
+"""Accuracy on the sample: layout + text recovery + region OCR against ground truth and whole-page OCR."""
+
+from __future__ import annotations
+
+import pytest
+from datasets import load_from_disk
+
+from ocr_assets.backends.layout import create_layout_backend
+from ocr_assets.backends.recognition import create_recognizer
+from ocr_assets.dataset import list_shards, open_shard
+from ocr_assets.evaluation import corpus_word_scores
+from ocr_assets.imaging import decode_page
+from ocr_assets.stages.crops import make_crops
+from ocr_assets.stages.documents import assemble_documents
+from ocr_assets.stages.layout import run_layout
+from ocr_assets.stages.pages import extract_pages
+from ocr_assets.stages.recognition import run_recognition
+
+
+@pytest.fixture(scope="module")
+def outputs(sample_dataset):
+    """(pipeline Markdown, whole-page OCR text, ground truth) for every page of the sample."""
+    columns = load_from_disk(sample_dataset).select_columns(["id", "ground_truth"]).to_dict()
+    truth = dict(zip(columns["id"], columns["ground_truth"]))
+    backend = create_layout_backend("picodet-cdla")
+    recognizer = create_recognizer("local")
+    rows = []
+    for ref in list_shards(sample_dataset):
+        shard = open_shard(sample_dataset, ref.key, id_column="id")
+        pages, _ = extract_pages(shard)
+        layout, _ = run_layout(pages, shard.image_at, backend)
+        crops, _ = make_crops(layout, shard.image_at, pages)
+        recognition, _ = run_recognition(crops, recognizer)
+        documents, _ = assemble_documents(pages, layout, recognition)
+        for page_id, row, markdown in zip(*documents.select(["page_id", "row", "markdown"]).to_pydict().values()):
+            whole = recognizer.recognize_page(decode_page(shard.image_at(row)))
+            rows.append((markdown, whole, truth[page_id]))
+    return rows
+
+
+def test_sample_word_f1_is_at_least_095(outputs):
+    precision, recall, f1 = corpus_word_scores((md, gt) for md, _, gt in outputs)
+    assert len(outputs) == 16
+    assert f1 >= 0.95, (precision, recall, f1)
+
+
+def test_regions_lose_nothing_against_whole_page_ocr(outputs):
+    ours = corpus_word_scores((md, gt) for md, _, gt in outputs)
+    whole = corpus_word_scores((w, gt) for _, w, gt in outputs)
+    assert ours[2] >= whole[2] - 0.01, (ours, whole)
+    # recovery keeps recall with the whole page: the layout model's misses are read too
+    assert ours[1] >= whole[1] - 0.01, (ours, whole)
+
+
+def test_recovery_is_what_keeps_recall(sample_dataset, outputs):
+    """Without recovery some pages lose text; with it none does (the point of the step)."""
+    backend = create_layout_backend("picodet-cdla")
+    ref = list_shards(sample_dataset)[0]
+    shard = open_shard(sample_dataset, ref.key)
+    pages, _ = extract_pages(shard)
+    with_recovery, report = run_layout(pages, shard.image_at, backend, recover_text=True)
+    without, _ = run_layout(pages, shard.image_at, backend, recover_text=False)
+    recovered = with_recovery.filter(with_recovery.column("source").to_numpy(zero_copy_only=False) == "recovered")
+    assert with_recovery.num_rows == without.num_rows + recovered.num_rows
+    assert report.counts["recovered_regions"] == recovered.num_rows
