@@ -398,6 +398,8 @@ def write_sample(dest: str | Path, pages: int = 16, shards: int = 2, seed: int =
     dataset = datasets.Dataset.from_dict({"id": ids, "image": images, "ground_truth": truths}, features=features)
 
     tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    bars_were_off = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # a progress bar for a few pages is noise in `ocr-assets run`
     try:
         dataset.save_to_disk(str(tmp), num_shards=shards)
         if dest.exists():
@@ -414,6 +416,8 @@ def write_sample(dest: str | Path, pages: int = 16, shards: int = 2, seed: int =
                 if not (dest / "state.json").exists():
                     raise
     finally:
+        if not bars_were_off:
+            datasets.enable_progress_bars()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
