@@ -31,9 +31,9 @@ CROP_PARAMS: dict[str, Any] = {
     "Global.max_side_len": 2000,
     "Det.limit_type": "max",
     "Det.limit_side_len": 1280,
-    # Lines one at a time: on a 2-core CPU, batches padded to their widest line cost more than
-    # they save (measured: 8.7 s at 1 against 11.5 s at 8 for the same 273 lines).
-    "Rec.rec_batch_num": 1,
+    # The lines of a chunk of crops are sorted by width before batching, so little is padded:
+    # measured on 577 sample lines, 2 cores, 17-21 s at 8 against 22-24 s one at a time.
+    "Rec.rec_batch_num": 8,
     # onnxruntime's arena reuses buffers between calls of varying line widths.
     "EngineConfig.onnxruntime.enable_cpu_mem_arena": True,
 }
@@ -91,7 +91,7 @@ class RapidOcrRecognizer:
         batch_size: int = 32,
         use_cls: bool = False,
         det_limit_side_len: int = 1280,
-        rec_batch_num: int = 1,
+        rec_batch_num: int = 8,
         params: dict[str, Any] | None = None,
     ) -> None:
         """Load the models. ``params`` are extra rapidocr settings (e.g. ``{"Global.text_score": 0.4}``)."""
