@@ -89,9 +89,9 @@ class RapidOcrRecognizer:
         *,
         threads: int | None = None,
         batch_size: int = 32,
-        use_cls: bool = False,
-        det_limit_side_len: int = 1280,
-        rec_batch_num: int = 8,
+        use_cls: bool = CROP_PARAMS["Global.use_cls"],
+        det_limit_side_len: int = CROP_PARAMS["Det.limit_side_len"],
+        rec_batch_num: int = CROP_PARAMS["Rec.rec_batch_num"],
         params: dict[str, Any] | None = None,
     ) -> None:
         """Load the models. ``params`` are extra rapidocr settings (e.g. ``{"Global.text_score": 0.4}``)."""
