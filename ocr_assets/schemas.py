@@ -38,6 +38,14 @@ LAYOUT = pa.schema([
     ("error", pa.string()),
 ])
 
+POLYGON = pa.field("polygon", pa.list_(pa.int32()))  # x, y, x, y, ... in page pixels
+
+
+def layout_schema(with_polygons: bool = False) -> pa.Schema:
+    """The LAYOUT schema, plus the polygon column where the backend keeps polygons."""
+    return LAYOUT.append(POLYGON) if with_polygons else LAYOUT
+
+
 CROPS = pa.schema([
     ("page_id", pa.string()),
     ("region", pa.int32()),

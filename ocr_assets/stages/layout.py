@@ -1,15 +1,14 @@
 """The layout stage: regions of every page, labelled with a task and numbered in reading order.
 
-Each page is decoded once (on a small thread pool, one batch ahead of the model: cv2 releases
-the GIL), the backend detects regions in batches, abandoned labels (headers, footers) are
-dropped, ink outside every model box is recovered as extra text regions, and the kept regions
-are put in reading order. A page that cannot be decoded or fails in the model becomes one
-error row; the partition goes on.
+Each page is decoded once and preprocessed by the backend (on a worker thread, one batch
+ahead of the model, so decoding overlaps inference), the backend detects regions in batches,
+abandoned labels (headers, footers) are dropped, ink outside every model box is recovered as
+extra text regions, and the kept regions are put in reading order. A page that cannot be
+decoded or fails in the model becomes one error row; the partition goes on.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -18,9 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ocr_assets import config
-from ocr_assets.backends.layout.base import Detection, LayoutBackend
-from ocr_assets.imaging import decode_page
-from ocr_assets.schemas import LAYOUT, PAGE_ERROR_REGION
+from ocr_assets.backends.layout.base import Detection, LayoutBackend, PreparedPage
+from ocr_assets.schemas import PAGE_ERROR_REGION, layout_schema
 from ocr_assets.stages.reading_order import order_detections
 from ocr_assets.stages.recovery import recover_text_boxes
 from ocr_assets.timing import StageReport, timed_stage
@@ -30,16 +28,21 @@ DUPLICATE_IOU = 0.8  # two labels for (nearly) the same box: one of them stands
 MERGE_SHARE = 0.2  # same-task regions sharing this much of the smaller box are read as one
 
 
-def _decode(image_at: ImageAt, row: int) -> tuple[np.ndarray | None, str | None, float]:
-    """(page, error, seconds) for source row ``row``; never raises."""
-    start = time.perf_counter()
+def _prepare(backend: LayoutBackend, image_at: ImageAt, rows: list[int]) -> list[PreparedPage | str]:
+    """The backend's prepared pages for source rows ``rows``, or per page the reason it failed; never raises."""
+    blobs: list = []
+    unread: dict[int, str] = {}
+    for n, row in enumerate(rows):
+        try:
+            blobs.append(image_at(row))
+        except Exception as exc:  # one unreadable row must not stop the shard
+            blobs.append(None)
+            unread[n] = f"page image could not be read from the dataset: {exc}"
     try:
-        data = image_at(row)
-        if data is None:
-            return None, "no image bytes for this page's source row", time.perf_counter() - start
-        return decode_page(data), None, time.perf_counter() - start
-    except Exception as exc:  # one bad page must not stop the shard
-        return None, f"page image could not be decoded: {exc}", time.perf_counter() - start
+        prepared = backend.prepare(blobs)
+    except Exception as exc:
+        return [f"page could not be prepared for the layout model: {type(exc).__name__}: {exc}"] * len(rows)
+    return [unread.get(n, p) for n, p in enumerate(prepared)]
 
 
 def _pairwise_intersection(boxes: np.ndarray) -> np.ndarray:
@@ -94,7 +97,7 @@ def _merge_overlapping(regions: list[tuple[Detection, str, str]]) -> list[tuple[
 
 
 def _page_regions(
-    page: np.ndarray, dets: list[Detection], label_tasks: dict[str, str], recover_text: bool,
+    page: PreparedPage, dets: list[Detection], label_tasks: dict[str, str], recover_text: bool,
     report: StageReport,
 ) -> list[tuple[Detection, str, str]]:
     """(detection, task, source) of one page's kept regions, in reading order."""
@@ -115,10 +118,9 @@ def _page_regions(
     report.count("duplicate_regions", found - len(kept) - abandoned)
     if recover_text:
         with report.part("recovery"):
-            for x0, y0, x1, y1 in recover_text_boxes(page, covered).tolist():
+            for x0, y0, x1, y1 in recover_text_boxes(page.image, covered).tolist():
                 kept.append((Detection(config.RECOVERED_LABEL, 0.0, x0, y0, x1, y1), "text", "recovered"))
-    height, width = page.shape[:2]
-    order = order_detections([k[0] for k in kept], width, height)
+    order = order_detections([k[0] for k in kept], page.width, page.height)
     return [kept[i] for i in order.tolist()]
 
 
@@ -139,11 +141,13 @@ def run_layout(
     report = report if report is not None else StageReport()
     report.info["backend"] = backend.name
     report.info["batch_size"] = backend.batch_size
+    report.info.update(backend.info)
     for name in ("regions", "recovered_regions", "errors", "abandoned_regions"):
         report.count(name, 0)
-    cols: dict[str, list] = {name: [] for name in LAYOUT.names}
+    schema = layout_schema(backend.keep_polygons)
+    cols: dict[str, list] = {name: [] for name in schema.names}
 
-    def emit(page_id, region, label, task, score, box, source, status="ok", error=None):
+    def emit(page_id, region, label, task, score, box, source, status="ok", error=None, polygon=None):
         for name, value in zip(
             ("page_id", "region", "label", "task", "score", "source", "status", "error"),
             (page_id, region, label, task, score, source, status, error),
@@ -151,6 +155,8 @@ def run_layout(
             cols[name].append(value)
         for name, value in zip(("x0", "y0", "x1", "y1"), box):
             cols[name].append(value)
+        if "polygon" in cols:
+            cols["polygon"].append(list(polygon) if polygon else None)
 
     def emit_error(page_id, reason):
         report.count("errors")
@@ -163,21 +169,24 @@ def run_layout(
         rows = todo.column("row").to_pylist()
         size = max(1, int(backend.batch_size))
         batches = [range(i, min(i + size, len(rows))) for i in range(0, len(rows), size)]
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="layout-decode") as pool:
-            def submit(batch: range) -> list[Future]:
-                return [pool.submit(_decode, image_at, rows[i]) for i in batch]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layout-prepare") as pool:
+            def submit(batch: range) -> Future:
+                return pool.submit(_prepare, backend, image_at, [rows[i] for i in batch])
 
-            pending = submit(batches[0]) if batches else []
+            pending = submit(batches[0]) if batches else None
             for b, batch in enumerate(batches):
-                decoded = [f.result() for f in pending]
-                # the next batch decodes while the model runs on this one
-                pending = submit(batches[b + 1]) if b + 1 < len(batches) else []
-                report.parts["decode"] = report.parts.get("decode", 0.0) + sum(d[2] for d in decoded)
+                prepared = pending.result()
+                # the next batch is decoded and preprocessed while the model runs on this one
+                pending = submit(batches[b + 1]) if b + 1 < len(batches) else None
+                for p in prepared:
+                    if isinstance(p, PreparedPage):
+                        report.parts["decode"] = report.parts.get("decode", 0.0) + p.decode_seconds
+                        report.parts["preprocess"] = report.parts.get("preprocess", 0.0) + p.preprocess_seconds
                 report.pages += len(batch)
                 report.advance(len(batch), len(rows))
-                good = [(i, page) for i, (page, err, _) in zip(batch, decoded) if err is None]
+                good = [(i, p) for i, p in zip(batch, prepared) if isinstance(p, PreparedPage)]
                 # per page: detections, or the reason it failed
-                outcome = {i: err for i, (_, err, _) in zip(batch, decoded) if err is not None}
+                outcome = {i: p for i, p in zip(batch, prepared) if isinstance(p, str)}
                 outcome.update(zip((i for i, _ in good), _detect(backend, [p for _, p in good], report)))
                 pages_by_index = dict(good)
                 for i in batch:
@@ -188,15 +197,16 @@ def run_layout(
                         pages_by_index[i], outcome[i], backend.label_tasks, recover_text, report
                     )
                     for n, (d, task, source) in enumerate(regions):
-                        emit(page_ids[i], n, d.label, task, d.score, (d.x0, d.y0, d.x1, d.y1), source)
+                        emit(page_ids[i], n, d.label, task, d.score, (d.x0, d.y0, d.x1, d.y1), source,
+                             polygon=d.polygon)
                     report.count("regions", len(regions))
                     report.count("recovered_regions", sum(s == "recovered" for _, _, s in regions))
-                del decoded, good, pages_by_index  # free the page arrays before the next batch
-        table = pa.table(cols, schema=LAYOUT)
+                del prepared, good, pages_by_index  # free the pages before the next batch
+        table = pa.table(cols, schema=schema)
     return table, report
 
 
-def _detect(backend: LayoutBackend, images: list[np.ndarray], report: StageReport) -> list:
+def _detect(backend: LayoutBackend, images: list[PreparedPage], report: StageReport) -> list:
     """Detections per image; where the batch fails, each page alone, a failing page giving its reason."""
     if not images:
         return []

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, Sequence
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from ocr_assets.imaging import decode_page
 from ocr_assets.timing import StageReport
 
 
@@ -21,21 +23,104 @@ class Detection:
     x1: int
     y1: int
     order: int | None = None  # the model's reading-order rank, where it has one
+    polygon: tuple[int, ...] | None = None  # x, y, x, y, ... in page pixels, only when asked for
+
+
+@dataclass
+class PreparedPage:
+    """One page decoded once and made ready for ``detect``.
+
+    ``inputs`` is what the backend's model takes (a normalised array, a tensor on the device);
+    ``image`` gives the page's pixels on the host (BGR or gray uint8) for the stage's text
+    recovery; where the page was decoded on a device it is copied back only when asked for.
+    """
+
+    height: int
+    width: int
+    inputs: Any
+    decode_seconds: float = 0.0
+    preprocess_seconds: float = 0.0
+    host: np.ndarray | None = None
+    to_host: Callable[[], np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def image(self) -> np.ndarray:
+        if self.host is None and self.to_host is not None:
+            self.host = self.to_host()
+        if self.host is None:
+            raise ValueError("this prepared page keeps no host pixels")
+        return self.host
 
 
 class LayoutBackend(Protocol):
-    """Finds the regions of decoded pages (BGR uint8 arrays, one per page)."""
+    """Finds the regions of pages: ``prepare`` decodes a batch of stored images, ``detect`` finds regions."""
 
     name: str
     label_tasks: dict[str, str]  # every label the model emits → text/table/formula/skip/abandon
     batch_size: int
+    keep_polygons: bool  # whether detections carry polygons (the LAYOUT table then has a polygon column)
+    info: dict[str, str | int | float]  # device, dtype, model id...: shown in the stage's metadata
 
-    def detect(
-        self, images: Sequence[np.ndarray], report: StageReport | None = None
-    ) -> list[list[Detection]]:
-        """Regions of each page, in the order of ``images``.
+    def prepare(self, blobs: Sequence[bytes | memoryview | None]) -> list[PreparedPage | str]:
+        """Decode each page once and preprocess it for the model; a page that fails gives its reason.
 
-        Times its work into ``report`` as the parts ``preprocess``, ``inference`` and
-        ``postprocess`` (the stage itself times ``decode``).
+        The layout stage calls this one batch ahead of ``detect``, from another thread, so
+        decoding and preprocessing overlap the model.
         """
         ...
+
+    def detect(
+        self, pages: Sequence[PreparedPage | np.ndarray], report: StageReport | None = None
+    ) -> list[list[Detection]]:
+        """Regions of each page (prepared, or a decoded BGR uint8 array), in the order given.
+
+        Times its work into ``report`` as the parts ``preprocess`` (for pages not prepared
+        beforehand), ``inference`` and ``postprocess``.
+        """
+        ...
+
+
+def decode_blob(data: bytes | memoryview | None) -> tuple[np.ndarray | None, str | None, float]:
+    """(BGR page, reason it failed, seconds) for one stored page image, decoded with cv2; never raises."""
+    start = time.perf_counter()
+    try:
+        if data is None:
+            return None, "no image bytes for this page's source row", time.perf_counter() - start
+        return decode_page(data), None, time.perf_counter() - start
+    except Exception as exc:  # one bad page must not stop the shard
+        return None, f"page image could not be decoded: {exc}", time.perf_counter() - start
+
+
+def prepare_with(
+    blobs: Sequence[bytes | memoryview | None], preprocess: Callable[[np.ndarray], Any]
+) -> list[PreparedPage | str]:
+    """``prepare`` for backends that take host arrays: cv2 decode, then ``preprocess`` each page."""
+    out: list[PreparedPage | str] = []
+    for data in blobs:
+        page, error, seconds = decode_blob(data)
+        if error is not None:
+            out.append(error)
+            continue
+        start = time.perf_counter()
+        try:
+            inputs = preprocess(page)
+        except Exception as exc:
+            out.append(f"page could not be preprocessed for the layout model: {exc}")
+            continue
+        out.append(PreparedPage(page.shape[0], page.shape[1], inputs, seconds,
+                                time.perf_counter() - start, host=page))
+    return out
+
+
+def ensure_prepared(
+    pages: Sequence[PreparedPage | np.ndarray], preprocess: Callable[[np.ndarray], Any], report: StageReport
+) -> list[PreparedPage]:
+    """``pages`` as PreparedPages: decoded arrays are preprocessed here (timed as ``preprocess``)."""
+    out = []
+    for page in pages:
+        if isinstance(page, PreparedPage):
+            out.append(page)
+            continue
+        with report.part("preprocess"):
+            out.append(PreparedPage(page.shape[0], page.shape[1], preprocess(page), host=page))
+    return out

@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ocr_assets import config
-from ocr_assets.backends.layout.base import Detection
+from ocr_assets.backends.layout.base import Detection, PreparedPage, ensure_prepared, prepare_with
 from ocr_assets.timing import StageReport
 
 INPUT_HEIGHT, INPUT_WIDTH = 800, 608
@@ -102,6 +102,7 @@ class PicodetCdlaBackend:
     """
 
     name = "picodet-cdla"
+    keep_polygons = False  # the model has no masks
 
     def __init__(
         self,
@@ -136,6 +137,7 @@ class PicodetCdlaBackend:
         self._scale = (1.0 / (255.0 * STD)).astype(np.float32)
         self._shift = (-MEAN / STD).astype(np.float32)
         self._bins = np.arange(REG_MAX + 1, dtype=np.float32)
+        self.info = {"device": "cpu", "dtype": "float32", "model": str(path)}
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """(1, 3, 800, 608) float32 input: bilinear resize of the BGR page, ImageNet mean/std."""
@@ -190,17 +192,19 @@ class PicodetCdlaBackend:
             for c, s, a, b in zip(cls.tolist(), conf.tolist(), lo, hi)
         ]
 
+    def prepare(self, blobs: Sequence[bytes | memoryview | None]) -> list[PreparedPage | str]:
+        """Decode each stored page with cv2 and make its model input."""
+        return prepare_with(blobs, self.preprocess)
+
     def detect(
-        self, images: Sequence[np.ndarray], report: StageReport | None = None
+        self, pages: Sequence[PreparedPage | np.ndarray], report: StageReport | None = None
     ) -> list[list[Detection]]:
-        """Regions of each page (BGR uint8 arrays), boxes in the page's own pixels, clipped."""
+        """Regions of each page (prepared, or a BGR uint8 array), boxes in the page's own pixels, clipped."""
         report = report if report is not None else StageReport()
         results = []
-        for image in images:
-            with report.part("preprocess"):
-                blob = self.preprocess(image)
+        for page in ensure_prepared(pages, self.preprocess, report):
             with report.part("inference"):
-                outputs = self.session.run(self.output_names, {self.input_name: blob})
+                outputs = self.session.run(self.output_names, {self.input_name: page.inputs})
             with report.part("postprocess"):
-                results.append(self.postprocess(outputs, image.shape[0], image.shape[1]))
+                results.append(self.postprocess(outputs, page.height, page.width))
         return results
