@@ -14,6 +14,8 @@ ENV_ID_COLUMN = "OCR_ASSETS_ID_COLUMN"
 ENV_LAYOUT_BACKEND = "OCR_ASSETS_LAYOUT_BACKEND"
 ENV_LAYOUT_MODEL = "OCR_ASSETS_LAYOUT_MODEL"
 ENV_DEVICE = "OCR_ASSETS_DEVICE"
+ENV_LAYOUT_BATCH_SIZE = "OCR_ASSETS_LAYOUT_BATCH_SIZE"
+ENV_LAYOUT_DTYPE = "OCR_ASSETS_LAYOUT_DTYPE"
 ENV_RECOGNIZER = "OCR_ASSETS_RECOGNIZER"
 ENV_VLM_BASE_URL = "OCR_ASSETS_VLM_BASE_URL"
 ENV_VLM_MODEL = "OCR_ASSETS_VLM_MODEL"
@@ -39,6 +41,14 @@ CDLA_LABEL_TASKS: dict[str, str] = {
     "reference": "text",
     "equation": "formula",
 }
+
+# PP-DocLayoutV3's 25 labels, in the order of the released checkpoint's id2label.
+PP_DOCLAYOUT_V3_LABELS = (
+    "abstract", "algorithm", "aside_text", "chart", "content", "display_formula", "doc_title",
+    "figure_title", "footer", "footer_image", "footnote", "formula_number", "header", "header_image",
+    "image", "inline_formula", "number", "paragraph_title", "reference", "reference_content", "seal",
+    "table", "text", "vertical_text", "vision_footnote",
+)
 
 # PP-DocLayoutV3 labels → GLM-OCR tasks (DESIGN.md, "Facts to build on").
 PP_DOCLAYOUT_V3_LABEL_TASKS: dict[str, str] = {

@@ -79,14 +79,28 @@ class StorageResource(dg.ConfigurableResource):
 
 
 class LayoutResource(dg.ConfigurableResource):
-    """The layout model (OCR_ASSETS_LAYOUT_BACKEND, OCR_ASSETS_LAYOUT_MODEL, OCR_ASSETS_DEVICE)."""
+    """The layout model (OCR_ASSETS_LAYOUT_BACKEND, OCR_ASSETS_LAYOUT_MODEL, OCR_ASSETS_DEVICE).
+
+    The device it runs on is part of its configuration: ``auto`` takes the first GPU when CUDA
+    works. The `layout` asset sits in the `gpu` concurrency pool, so one layout step per GPU runs.
+    """
 
     backend: str | None = Field(default=None, description="picodet-cdla or pp-doclayout-v3; unset = by model.")
     model: str | None = Field(default=None, description="PP-DocLayoutV3 checkpoint: local folder or hub id.")
-    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N.")
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N (pp-doclayout-v3; picodet-cdla runs on the CPU).")
+    dtype: str = Field(default="auto", description="auto, float32, bfloat16 or float16 (pp-doclayout-v3).")
     threads: int = Field(default=0, description="CPU threads for the model; 0 = all cores.")
-    batch_size: int = Field(default=0, description="Pages per model call; 0 = the backend's default.")
+    decode_threads: int = Field(default=0, description="Threads decoding pages for pp-doclayout-v3; 0 = min(8, cores).")
+    batch_size: int = Field(default=0, description="Pages per model call; 0 = the backend's default for its device.")
     conf_threshold: float | None = Field(default=None, description="Minimum detection score.")
+    threshold_by_label: str | None = Field(
+        default=None, description='JSON object of per-label minimum scores (pp-doclayout-v3), e.g. {"table": 0.5}.'
+    )
+    merge_modes: str | None = Field(
+        default=None,
+        description='JSON object label → large/small/union: which of two nested boxes stands (pp-doclayout-v3).',
+    )
+    keep_polygons: bool = Field(default=False, description="Add each region's mask outline (pp-doclayout-v3; costs CPU time).")
     recover_text: bool = Field(default=True, description="Turn ink outside every region into text regions.")
     label_tasks: str | None = Field(
         default=None, description='JSON object overriding label → task, e.g. {"figure": "text"}.'
@@ -99,13 +113,21 @@ class LayoutResource(dg.ConfigurableResource):
         """The layout backend, loaded once per process; returns (backend, seconds spent loading now)."""
         name = self.backend_name()
         overrides = _parse_label_tasks(self.label_tasks)
-        key = ("layout", name, self.model, self.device, self.threads, self.batch_size,
-               self.conf_threshold, json.dumps(overrides, sort_keys=True))
+        options = {}
+        if name == "pp-doclayout-v3":
+            options = {
+                "device": self.device, "dtype": self.dtype, "decode_threads": self.decode_threads or None,
+                "threshold_by_label": _parse_json_object("threshold_by_label", self.threshold_by_label),
+                "merge_modes": _parse_json_object("merge_modes", self.merge_modes),
+                "keep_polygons": self.keep_polygons,
+            }
+        key = ("layout", name, self.model, self.threads, self.batch_size, self.conf_threshold,
+               json.dumps(overrides, sort_keys=True), json.dumps(options, sort_keys=True))
 
         def load() -> LayoutBackend:
             backend = create_layout_backend(
                 name, model=self.model, threads=self.threads or None,
-                batch_size=self.batch_size or None, conf_threshold=self.conf_threshold,
+                batch_size=self.batch_size or None, conf_threshold=self.conf_threshold, **options,
             )
             backend.label_tasks = {**backend.label_tasks, **overrides}
             return backend
@@ -113,13 +135,20 @@ class LayoutResource(dg.ConfigurableResource):
         return _load_once(key, load)
 
 
-def _parse_label_tasks(value: str | None) -> dict[str, str]:
+def _parse_json_object(name: str, value: str | None) -> dict:
     if not value:
         return {}
     try:
         table = json.loads(value)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"label_tasks is not valid JSON ({exc}): give an object like {{\"figure\": \"skip\"}}") from exc
+        raise ValueError(f"layout {name} is not valid JSON ({exc}): give an object like {{\"table\": 0.5}}") from exc
+    if not isinstance(table, dict):
+        raise ValueError(f"layout {name} must be a JSON object, not {type(table).__name__}")
+    return table
+
+
+def _parse_label_tasks(value: str | None) -> dict[str, str]:
+    table = _parse_json_object("label_tasks", value)
     allowed = set(config.TASKS) | {config.ABANDON}
     bad = {k: v for k, v in table.items() if v not in allowed}
     if bad:
@@ -167,6 +196,8 @@ def resources_from_env() -> dict[str, dg.ConfigurableResource]:
             backend=_from_env(config.ENV_LAYOUT_BACKEND),
             model=_from_env(config.ENV_LAYOUT_MODEL),
             device=_from_env(config.ENV_DEVICE, "auto"),
+            dtype=_from_env(config.ENV_LAYOUT_DTYPE, "auto"),
+            batch_size=dg.EnvVar.int(config.ENV_LAYOUT_BATCH_SIZE) if config.env(config.ENV_LAYOUT_BATCH_SIZE) else 0,
         ),
         "recognizer": RecognizerResource(
             kind=_from_env(config.ENV_RECOGNIZER),

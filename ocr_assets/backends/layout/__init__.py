@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from ocr_assets.backends.layout.base import Detection, LayoutBackend
-from ocr_assets.config import ENV_LAYOUT_BACKEND, ENV_LAYOUT_MODEL
+from ocr_assets.config import ENV_LAYOUT_BACKEND
 
-LAYOUT_BACKENDS = ("picodet-cdla",)
+LAYOUT_BACKENDS = ("picodet-cdla", "pp-doclayout-v3")
 
 __all__ = ["Detection", "LayoutBackend", "LAYOUT_BACKENDS", "create_layout_backend", "resolve_layout_backend"]
 
@@ -25,8 +25,13 @@ def create_layout_backend(
     batch_size: int | None = None,
     conf_threshold: float | None = None,
     label_tasks: dict[str, str] | None = None,
+    **pp_options,
 ) -> LayoutBackend:
-    """Build (load) one layout backend; raises ValueError naming the setting on a bad configuration."""
+    """Build (load) one layout backend; raises ValueError naming the setting on a bad configuration.
+
+    ``pp_options`` go to the PP-DocLayoutV3 backend only: device, dtype, decode_threads,
+    threshold_by_label, merge_modes, nms, keep_polygons.
+    """
     if name == "picodet-cdla":
         from ocr_assets.backends.layout.picodet_cdla import PicodetCdlaBackend
 
@@ -35,10 +40,11 @@ def create_layout_backend(
             options["conf_threshold"] = conf_threshold
         return PicodetCdlaBackend(**{k: v for k, v in options.items() if v is not None})
     if name == "pp-doclayout-v3":
-        raise ValueError(
-            f"{ENV_LAYOUT_BACKEND}=pp-doclayout-v3 (or {ENV_LAYOUT_MODEL} set) selects the "
-            f"PP-DocLayoutV3 backend, which this version does not include yet; unset "
-            f"{ENV_LAYOUT_MODEL} or set {ENV_LAYOUT_BACKEND}=picodet-cdla."
+        from ocr_assets.backends.layout.pp_doclayout_v3 import PPDocLayoutV3Backend
+
+        return PPDocLayoutV3Backend(
+            model or "", threads=threads, batch_size=batch_size, conf_threshold=conf_threshold,
+            label_tasks=label_tasks, **pp_options,
         )
     raise ValueError(
         f"{ENV_LAYOUT_BACKEND}={name!r} is not a layout backend; choose one of {', '.join(LAYOUT_BACKENDS)}."
