@@ -6,6 +6,7 @@ import dagster as dg
 import pyarrow as pa
 
 from ocr_assets.partitions import shards_partitions
+from ocr_assets.recognition_cache import RecognitionCache
 from ocr_assets.resources import DatasetResource, LayoutResource, RecognizerResource, StorageResource
 from ocr_assets.stages.crops import make_crops
 from ocr_assets.stages.documents import assemble_documents
@@ -93,18 +94,25 @@ def crops(
     layout_table = store.read("layout", context.partition_key)
     pages_table = store.read("pages", context.partition_key)
     shard = dataset.open(context.partition_key)
-    table, report = make_crops(layout_table, shard.image_at, pages_table, fmt=recognizer.crop_format)
+    table, report = make_crops(layout_table, shard.image_at, pages_table, fmt=recognizer.stored_crop_format())
     return publish(context, storage, table, report)
 
 
 @dg.asset(partitions_def=shards_partitions, group_name=GROUP, kinds={"parquet"}, deps=[crops], pool="vlm")
 def recognition(context: dg.AssetExecutionContext, storage: StorageResource, recognizer: RecognizerResource):
-    """One row per region: the text read from its crop with the prompt of its task."""
-    crops_table = storage.store().read("crops", context.partition_key)
+    """One row per region: the text read from its crop with the prompt of its task.
+
+    Answers are cached next to the outputs: a re-run (after a crash, or a backfill over the
+    same data) reads only the regions not read before.
+    """
+    store = storage.store()
+    crops_table = store.read("crops", context.partition_key)
     backend, load_seconds = recognizer.load()
+    cache = RecognitionCache(store, context.partition_key) if recognizer.cache else None
     table, report = run_recognition(
-        crops_table, backend, report=StageReport(label=f"recognition {context.partition_key}")
+        crops_table, backend, cache=cache, report=StageReport(label=f"recognition {context.partition_key}")
     )
+    report.info.update(backend.run_metadata())
     return publish(context, storage, table, report, model_load_seconds=load_seconds)
 
 

@@ -1,4 +1,5 @@
-"""`ocr-assets`: write the sample dataset, or run the pipeline through Dagster from a terminal."""
+"""`ocr-assets`: write the sample dataset, run the pipeline through Dagster from a terminal, or serve
+the local recognizer behind an OpenAI-compatible API."""
 
 from __future__ import annotations
 
@@ -28,7 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--select", default=",".join(STAGE_ORDER), metavar="ASSET[,ASSET...]",
                      help=f"assets to materialize (default: {','.join(STAGE_ORDER)})")
 
+    serve = sub.add_parser("serve", help="an OpenAI-compatible server backed by the local PP-OCRv6 recognizer")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--model", default="glm-ocr", help="the model name it serves (default: glm-ocr)")
+    serve.add_argument("--threads", type=int, default=0, help="CPU threads for the models (default: all)")
+
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        from ocr_assets.serve import serve as run_server
+
+        run_server(args.host, args.port, args.model, args.threads or None)
+        return 0
     if args.command == "sample":
         from ocr_assets.sample import write_sample
 

@@ -67,6 +67,19 @@ PP_DOCLAYOUT_V3_LABEL_TASKS: dict[str, str] = {
     )},
 }
 
+# GLM-OCR's prompt and answer budget per task (the VLM recognizer; `skip` is never sent).
+TASK_PROMPTS: dict[str, str] = {
+    "text": "Text Recognition:",
+    "table": "Table Recognition:",
+    "formula": "Formula Recognition:",
+}
+TASK_MAX_TOKENS: dict[str, int] = {"text": 8192, "table": 8192, "formula": 8192}
+
+# Crops sent to the VLM: both sides multiples of 28, pixels within these bounds.
+VLM_PATCH = 28
+VLM_MIN_PIXELS = 112 * 112
+VLM_MAX_PIXELS = 14 * 14 * 4 * 1280
+
 # Labels rendered as Markdown headings by the documents stage.
 TITLE_LABELS = {"title", "doc_title", "paragraph_title"}
 

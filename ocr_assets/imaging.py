@@ -32,3 +32,35 @@ def encode_image(image: np.ndarray, fmt: str = "png", jpeg_quality: int = 92) ->
     if not ok:
         raise ImageDecodeError(f"cv2 could not encode a {image.shape} array as {fmt}")
     return buf.tobytes()
+
+
+def vlm_size(width: int, height: int, patch: int = 28, min_pixels: int = 112 * 112,
+             max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
+    """(width, height) for a VLM: both multiples of ``patch``, pixels within [min, max], aspect kept.
+
+    Rounds each side to the nearest multiple, then scales down (or up) by the square root of
+    the pixel ratio when the area falls outside the bounds.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"cannot size an empty {width}x{height} image")
+    w = max(patch, round(width / patch) * patch)
+    h = max(patch, round(height / patch) * patch)
+    if w * h > max_pixels:
+        scale = (width * height / max_pixels) ** 0.5
+        w = max(patch, int(width / scale / patch) * patch)
+        h = max(patch, int(height / scale / patch) * patch)
+    elif w * h < min_pixels:
+        scale = (min_pixels / (width * height)) ** 0.5
+        w = max(patch, -(-int(width * scale) // patch) * patch)
+        h = max(patch, -(-int(height * scale) // patch) * patch)
+    return w, h
+
+
+def vlm_crop(image: np.ndarray, jpeg_quality: int = 92) -> tuple[bytes, int, int]:
+    """A crop as the VLM request needs it: resized to ``vlm_size`` and JPEG-encoded; (bytes, w, h)."""
+    h0, w0 = image.shape[:2]
+    w, h = vlm_size(w0, h0)
+    if (w, h) != (w0, h0):
+        shrink = w * h < w0 * h0
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+    return encode_image(image, "jpeg", jpeg_quality), w, h

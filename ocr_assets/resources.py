@@ -141,9 +141,9 @@ def _parse_json_object(name: str, value: str | None) -> dict:
     try:
         table = json.loads(value)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"layout {name} is not valid JSON ({exc}): give an object like {{\"table\": 0.5}}") from exc
+        raise ValueError(f"{name} is not valid JSON ({exc}): give an object like {{\"table\": 0.5}}") from exc
     if not isinstance(table, dict):
-        raise ValueError(f"layout {name} must be a JSON object, not {type(table).__name__}")
+        raise ValueError(f"{name} must be a JSON object, not {type(table).__name__}")
     return table
 
 
@@ -157,24 +157,49 @@ def _parse_label_tasks(value: str | None) -> dict[str, str]:
 
 
 class RecognizerResource(dg.ConfigurableResource):
-    """The recognizer (OCR_ASSETS_RECOGNIZER and the OCR_ASSETS_VLM_* server settings)."""
+    """The recognizer (OCR_ASSETS_RECOGNIZER and the OCR_ASSETS_VLM_* server settings).
+
+    With ``openai``, crops are stored resized and JPEG-encoded the way the VLM request needs
+    them, and answers are cached next to the outputs so no region is paid for twice.
+    """
 
     kind: str | None = Field(default=None, description="local or openai; unset = openai when a VLM URL is set.")
     threads: int = Field(default=0, description="CPU threads for the local recognizer; 0 = all cores.")
     vlm_base_url: str | None = Field(default=None, description="OpenAI-compatible server, e.g. http://host:8000/v1.")
     vlm_model: str = Field(default="glm-ocr", description="Served model name.")
-    vlm_api_key: str | None = Field(default=None, description="API key of the server, if it needs one.")
+    vlm_api_key: str | None = Field(default=None, description="API key of the server (from the environment only).")
     vlm_concurrency: int = Field(default=64, description="Most requests in flight at once.")
-    crop_format: str = Field(default="png", description="How crops are stored: png or jpeg.")
+    vlm_timeout: float = Field(default=120.0, description="Seconds to wait for one answer before retrying.")
+    vlm_max_attempts: int = Field(default=5, description="Attempts per region (429, 5xx, timeouts, bad answers).")
+    vlm_verify_tls: bool = Field(default=True, description="Verify the server's TLS certificate (https URLs).")
+    vlm_prompts: str | None = Field(
+        default=None, description='JSON object task → prompt, e.g. {"table": "Table Recognition:"}.'
+    )
+    vlm_max_tokens: str | None = Field(default=None, description='JSON object task → max_tokens, e.g. {"text": 4096}.')
+    cache: bool = Field(default=True, description="Reuse answers stored next to the outputs (never pay twice).")
+    crop_format: str = Field(default="png", description="How crops are stored for the local recognizer: png or jpeg.")
 
     def kind_name(self) -> str:
         return resolve_recognizer(self.kind, self.vlm_base_url)
 
+    def stored_crop_format(self) -> str:
+        """How the crops stage stores crops: as the VLM request needs them, or as configured."""
+        return "vlm-jpeg" if self.kind_name() == "openai" else self.crop_format
+
     def load(self) -> tuple[Recognizer, float]:
         """The recognizer, loaded once per process; returns (recognizer, seconds spent loading now)."""
         name = self.kind_name()
-        key = ("recognizer", name, self.threads)
-        return _load_once(key, lambda: create_recognizer(name, threads=self.threads or None))
+        options: dict[str, Any] = {}
+        if name == "openai":
+            options = {
+                "base_url": self.vlm_base_url, "model": self.vlm_model, "api_key": self.vlm_api_key,
+                "concurrency": self.vlm_concurrency, "timeout": self.vlm_timeout,
+                "max_attempts": self.vlm_max_attempts, "verify_tls": self.vlm_verify_tls,
+                "prompts": _parse_json_object("vlm_prompts", self.vlm_prompts),
+                "max_tokens": _parse_json_object("vlm_max_tokens", self.vlm_max_tokens),
+            }
+        key = ("recognizer", name, self.threads, json.dumps(options, sort_keys=True, default=str))
+        return _load_once(key, lambda: create_recognizer(name, threads=self.threads or None, **options))
 
 
 def _from_env(name: str, default: Any = None) -> Any:

@@ -52,8 +52,33 @@ class ParquetStore:
 
     def write(self, asset: str, partition: str, table: pa.Table) -> str:
         """Write ``table`` atomically; returns the URI."""
+        self._write_atomic(self.path(asset, partition), table)
+        return self.uri(asset, partition)
+
+    def segment_dir(self, kind: str, partition: str) -> str:
+        """Folder of the append-only segments of ``kind`` (e.g. the recognition cache) for a partition."""
+        _, root = self._fs_root
+        return f"{root}/_{kind}/{partition}"
+
+    def append_segment(self, kind: str, partition: str, table: pa.Table) -> None:
+        """Add one segment file atomically: a crash leaves whole segments only, never half of one."""
+        self._write_atomic(f"{self.segment_dir(kind, partition)}/{uuid.uuid4().hex}.parquet", table)
+
+    def read_segments(self, kind: str, partition: str) -> pa.Table | None:
+        """All segments of ``kind`` for a partition as one table; None when there are none."""
         fs, _ = self._fs_root
-        final = self.path(asset, partition)
+        folder = self.segment_dir(kind, partition)
+        if not fs.exists(folder):
+            return None
+        paths = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet"))
+        tables = []
+        for path in paths:
+            with fs.open(path, "rb") as handle:
+                tables.append(pq.read_table(handle))
+        return pa.concat_tables(tables) if tables else None
+
+    def _write_atomic(self, final: str, table: pa.Table) -> None:
+        fs, _ = self._fs_root
         tmp = f"{final}.tmp-{uuid.uuid4().hex}"
         try:
             fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
@@ -72,7 +97,6 @@ class ParquetStore:
             raise StorageError(
                 f"cannot write {final}: {exc}. Set {ENV_STORAGE} to a writable folder or URL."
             ) from exc
-        return self.uri(asset, partition)
 
     def read(self, asset: str, partition: str, columns: list[str] | None = None) -> pa.Table:
         """Read one asset partition; a clear error if the upstream partition was never written."""

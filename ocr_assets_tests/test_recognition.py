@@ -104,5 +104,6 @@ def test_stage_schema_pass_through_and_counts(recognizer):
     assert (rows[2]["status"], rows[2]["error"]) == ("error", "empty box")
     assert "name" in rows[3]["text"].lower() and rows[3]["status"] == "ok"
     assert (rows[4]["status"], rows[4]["error"]) == ("error", "layout failed")
-    assert report.counts == {"regions": 4, "recognized": 2, "skipped": 1, "errors": 2, "empty_text": 0}
+    assert report.counts == {"regions": 4, "recognized": 2, "skipped": 1, "errors": 2, "empty_text": 0,
+                             "cache_hits": 0}
     assert report.pages == 2 and report.parts["recognize"] > 0

@@ -15,11 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from ocr_assets.imaging import decode_page, encode_image
+from ocr_assets.imaging import decode_page, encode_image, vlm_crop
 from ocr_assets.schemas import CROPS, PAGE_ERROR_REGION
 from ocr_assets.timing import StageReport, timed_stage
 
 ImageAt = Callable[[int], "bytes | memoryview | None"]
+VLM_FORMAT = "vlm-jpeg"  # JPEG, resized to the VLM's patch grid and pixel bounds
 
 
 def _row_map(rows: Mapping[str, int] | pa.Table) -> Mapping[str, int]:
@@ -63,13 +64,16 @@ def _page_crops(
         t1 = time.perf_counter()
         parts["crop"] += t1 - t0
         try:
-            image = encode_image(crop, fmt, jpeg_quality)
+            if fmt == VLM_FORMAT:  # resized and JPEG-encoded once, as the VLM request needs it
+                image, w, h = vlm_crop(crop, jpeg_quality)
+            else:
+                image, w, h = encode_image(crop, fmt, jpeg_quality), cx1 - cx0, cy1 - cy0
         except Exception as exc:
             out.append((None, 0, 0, f"crop could not be encoded: {exc}"))
             continue
         finally:
             parts["encode"] += time.perf_counter() - t1
-        out.append((image, cx1 - cx0, cy1 - cy0, None))
+        out.append((image, w, h, None))
     return out, parts
 
 
@@ -88,16 +92,18 @@ def make_crops(
 
     ``image_at(row)`` returns a page's encoded bytes for its source row; ``rows`` maps page_id →
     source row (a mapping, or the PAGES table). Boxes get ``padding`` pixels of margin, clipped to
-    the page. ``skip`` regions are stored too. Layout error rows (a failed page's ``region = -1``
+    the page. ``fmt`` is png, jpeg, or ``vlm-jpeg``: JPEG resized so both sides are multiples of
+    28 and the pixels lie within the VLM's bounds (``width``/``height`` are then the stored size). ``skip`` regions are stored too. Layout error rows (a failed page's ``region = -1``
     row) pass through with an empty image; a page that cannot be decoded here gives every one of
     its regions status error; an empty box is an error for that region only.
 
     Parts (``decode``, ``crop``, ``encode``) are summed over the worker threads, so together they
     can exceed ``stage_seconds``.
     """
-    if fmt not in ("png", "jpeg", "jpg"):
-        raise ValueError(f"unknown crop format {fmt!r}: use 'png' or 'jpeg'")
+    if fmt not in ("png", "jpeg", "jpg", VLM_FORMAT):
+        raise ValueError(f"unknown crop format {fmt!r}: use 'png', 'jpeg' or {VLM_FORMAT!r}")
     fmt = "jpeg" if fmt == "jpg" else fmt
+    stored_format = "jpeg" if fmt == VLM_FORMAT else fmt
     report = report or StageReport()
     with timed_stage(report):
         row_of = _row_map(rows)
@@ -148,7 +154,7 @@ def make_crops(
                         report.parts[name] = report.parts.get(name, 0.0) + seconds
                     for i, (image, w, h, err) in zip(idx.tolist(), out):
                         if err is None:
-                            images[i], widths[i], heights[i], formats[i] = image, w, h, fmt
+                            images[i], widths[i], heights[i], formats[i] = image, w, h, stored_format
                             statuses[i], errors[i] = "ok", None
                         else:
                             statuses[i], errors[i] = "error", err

@@ -1,86 +1,35 @@
-"""The recognition stage: read the text of every crop with a `Recognizer`, batch by batch.
+"""The recognition stage: read the text of every crop with a `Recognizer`.
 
-The crops table is walked in record batches, so a shard of 100,000 regions never holds all of
-its crops as Python objects at once; only crops to read are handed to the recognizer.
+Crops are streamed to the recognizer from the crops table's record batches, so a shard of
+100,000 regions never holds all of its crop images at once, and a recognizer that keeps many
+requests in flight takes the next crop as soon as one finishes. With a cache, answers already
+paid for (an earlier run of the same partition, crashed or not) are read back instead.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import threading
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ocr_assets.backends.recognition.base import Crop, Recognizer
-from ocr_assets.schemas import RECOGNITION
+from ocr_assets.backends.recognition.base import Crop, Recognized, Recognizer
+from ocr_assets.recognition_cache import RecognitionCache
+from ocr_assets.schemas import PAGE_ERROR_REGION, RECOGNITION
 from ocr_assets.timing import StageReport, timed_stage
 
 # Rows per Arrow record batch taken from the crops table (a few MB of encoded crops).
 CHUNK_ROWS = 1024
 
 
-def _recognize_chunk(
-    batch: pa.RecordBatch, recognizer: Recognizer, report: StageReport, total: int
-) -> pa.RecordBatch:
-    """RECOGNITION rows for one record batch of CROPS rows."""
-    tasks = batch.column("task").to_pylist()
-    statuses = batch.column("status").to_pylist()
-    errors = batch.column("error").to_pylist()
-    n = batch.num_rows
-    texts: list[str | None] = [""] * n
-    out_status: list[str] = ["ok"] * n
-    out_error: list[str | None] = [None] * n
-
-    to_read = []
-    for i in range(n):
-        if statuses[i] == "error":  # failed upstream: carry the reason
-            out_status[i], out_error[i] = "error", errors[i] or "failed before recognition"
-            report.count("errors")
-        elif tasks[i] == "skip":
-            report.count("skipped")
-        else:
-            to_read.append(i)
-
-    if to_read:
-        images = batch.column("image")
-        widths = batch.column("width").to_pylist()
-        heights = batch.column("height").to_pylist()
-        step = max(1, int(getattr(recognizer, "batch_size", 16) or 16))
-        for start in range(0, len(to_read), step):
-            idx = to_read[start:start + step]
-            crops = [Crop(tasks[i], images[i].as_py() or b"", widths[i] or 0, heights[i] or 0) for i in idx]
-            with report.part("recognize"):
-                results = recognizer.recognize(crops)
-            report.advance(len(idx), total, "regions")
-            if len(results) != len(crops):
-                raise RuntimeError(
-                    f"recognizer {recognizer.name!r} returned {len(results)} results for {len(crops)} crops"
-                )
-            for i, crop, result in zip(idx, crops, results):
-                if result.status == "error":
-                    out_status[i], out_error[i] = "error", result.error or "recognizer error"
-                    report.count("errors")
-                    continue
-                texts[i] = result.text or ""
-                report.count("recognized")
-                if not texts[i].strip() and crop.image:
-                    report.count("empty_text")
-
-    return pa.record_batch(
-        [
-            batch.column("page_id"),
-            batch.column("region"),
-            batch.column("task"),
-            pa.array(texts, pa.string()),
-            pa.array(out_status, pa.string()),
-            pa.array(out_error, pa.string()),
-        ],
-        schema=RECOGNITION,
-    )
-
-
 def run_recognition(
     crops: pa.Table,
     recognizer: Recognizer,
     *,
+    cache: RecognitionCache | None = None,
     chunk_rows: int = CHUNK_ROWS,
     report: StageReport | None = None,
 ) -> tuple[pa.Table, StageReport]:
@@ -88,21 +37,95 @@ def run_recognition(
 
     ``skip`` crops get empty text and status ok without calling the recognizer; rows already in
     error (a failed page's ``region = -1`` row, a failed crop) keep their status and reason. The
-    rest go to ``recognizer.recognize`` in batches of ``recognizer.batch_size``.
-    Counts: regions, recognized, skipped, errors, empty_text (a crop read as no text).
+    rest go to ``recognizer.recognize_stream``, unless ``cache`` has their answer.
+    Counts: regions, recognized, skipped, errors, empty_text (a non-empty crop read as no text),
+    cache_hits.
     """
     report = report or StageReport()
     with timed_stage(report):
-        for name in ("regions", "recognized", "skipped", "errors", "empty_text"):
+        for name in ("regions", "recognized", "skipped", "errors", "empty_text", "cache_hits"):
             report.counts.setdefault(name, 0)
         report.parts.setdefault("recognize", 0.0)
-        crops = crops.select(RECOGNITION.names[:3] + ["image", "width", "height", "status", "error"])
-        batches = [
-            _recognize_chunk(batch, recognizer, report, crops.num_rows)
-            for batch in crops.to_batches(max_chunksize=chunk_rows)
-        ]
-        table = pa.Table.from_batches(batches, schema=RECOGNITION)
-        n_regions = pc.sum(pc.greater_equal(table.column("region"), 0)).as_py() or 0
-        report.count("regions", int(n_regions))
-        report.pages = pc.count_distinct(table.column("page_id")).as_py() if table.num_rows else 0
+        n = crops.num_rows
+        texts: list[str] = [""] * n
+        statuses: list[str] = ["ok"] * n
+        errors: list[str | None] = [None] * n
+        keys: dict[int, str] = {}
+        tasks = crops.column("task").to_pylist()
+        in_status = crops.column("status").to_pylist()
+        in_error = crops.column("error").to_pylist()
+        to_read = 0
+        for i in range(n):
+            if in_status[i] == "error":  # failed upstream: carry the reason
+                statuses[i], errors[i] = "error", in_error[i] or "failed before recognition"
+            elif tasks[i] == "skip":
+                report.count("skipped")
+            else:
+                to_read += 1
+
+        lock = threading.Lock()  # cache hits are answered on the recognizer's thread, results on this one
+
+        def finish(i: int, result: Recognized, empty_crop: bool) -> None:
+            with lock:
+                _finish(i, result, empty_crop)
+                report.advance(1, to_read, "regions")
+
+        def _finish(i: int, result: Recognized, empty_crop: bool) -> None:
+            if result.status == "error":
+                statuses[i], errors[i] = "error", result.error or "recognizer error"
+                return
+            texts[i] = result.text or ""
+            report.count("recognized")
+            if not texts[i].strip() and not empty_crop:
+                report.count("empty_text")
+
+        def pending() -> Iterator[tuple[int, Crop]]:
+            """Crops still to read, in table order; cache hits are answered here."""
+            offset = 0
+            for batch in crops.select(["image", "width", "height"]).to_batches(max_chunksize=chunk_rows):
+                images = batch.column("image")
+                widths = batch.column("width").to_pylist()
+                heights = batch.column("height").to_pylist()
+                for j in range(batch.num_rows):
+                    i = offset + j
+                    if statuses[i] == "error" or tasks[i] == "skip":
+                        continue
+                    crop = Crop(tasks[i], images[j].as_py() or b"", widths[j] or 0, heights[j] or 0)
+                    if cache is not None:
+                        keys[i] = recognizer.cache_key(crop)
+                        hit = cache.get(keys[i])
+                        if hit is not None:
+                            with lock:
+                                report.count("cache_hits")
+                            finish(i, hit, not crop.image)
+                            continue
+                    yield i, crop
+                offset += batch.num_rows
+
+        lengths = pc.binary_length(crops.column("image")).fill_null(0)
+        empty = set(np.flatnonzero(lengths.to_numpy(zero_copy_only=False) == 0).tolist()) if n else set()
+        try:
+            with report.part("recognize"):
+                for i, result in recognizer.recognize_stream(pending()):
+                    finish(i, result, i in empty)
+                    if cache is not None and i in keys and not result.retryable:
+                        cache.put(keys.pop(i), result)
+        finally:
+            if cache is not None:
+                cache.flush()  # what was paid for survives a failure of the rest
+        report.count("errors", statuses.count("error"))
+        table = pa.table(
+            {
+                "page_id": crops.column("page_id"),
+                "region": crops.column("region"),
+                "task": crops.column("task"),
+                "text": pa.array(texts, pa.string()),
+                "status": pa.array(statuses, pa.string()),
+                "error": pa.array(errors, pa.string()),
+            },
+            schema=RECOGNITION,
+        )
+        regions = crops.column("region").to_numpy(zero_copy_only=False)
+        report.count("regions", int(np.count_nonzero(regions != PAGE_ERROR_REGION)))
+        report.pages = len(set(crops.column("page_id").to_pylist())) if n else 0
     return table, report

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ocr_assets.backends.recognition.base import Crop, Recognized, Recognizer
 from ocr_assets.config import ENV_RECOGNIZER, ENV_VLM_BASE_URL
 
-RECOGNIZERS = ("local",)
+RECOGNIZERS = ("local", "openai")
 
 __all__ = ["Crop", "Recognized", "Recognizer", "RECOGNIZERS", "create_recognizer", "resolve_recognizer"]
 
@@ -17,16 +17,23 @@ def resolve_recognizer(name: str | None, vlm_base_url: str | None) -> str:
     return "openai" if vlm_base_url else "local"
 
 
-def create_recognizer(name: str, *, threads: int | None = None) -> Recognizer:
-    """Build (load) one recognizer; raises ValueError naming the setting on a bad configuration."""
+def create_recognizer(name: str, *, threads: int | None = None, **vlm_options) -> Recognizer:
+    """Build (load) one recognizer; raises ValueError naming the setting on a bad configuration.
+
+    ``vlm_options`` go to the openai recognizer: base_url, model, api_key, concurrency, prompts,
+    max_tokens, timeout, max_attempts, verify_tls.
+    """
     if name == "local":
         from ocr_assets.backends.recognition.rapidocr_local import RapidOcrRecognizer
 
         return RapidOcrRecognizer(threads=threads) if threads else RapidOcrRecognizer()
     if name == "openai":
-        raise ValueError(
-            f"{ENV_RECOGNIZER}=openai (or {ENV_VLM_BASE_URL} set) selects the VLM recognizer, "
-            f"which this version does not include yet; unset {ENV_VLM_BASE_URL} or set "
-            f"{ENV_RECOGNIZER}=local."
-        )
+        from ocr_assets.backends.recognition.openai_vlm import OpenAIRecognizer
+
+        if not vlm_options.get("base_url"):
+            raise ValueError(
+                f"{ENV_RECOGNIZER}=openai needs {ENV_VLM_BASE_URL}: the server's OpenAI API, "
+                f"e.g. http://localhost:8000/v1 (`ocr-assets serve` or vLLM)"
+            )
+        return OpenAIRecognizer(vlm_options.pop("base_url"), **vlm_options)
     raise ValueError(f"{ENV_RECOGNIZER}={name!r} is not a recognizer; choose one of {', '.join(RECOGNIZERS)}.")

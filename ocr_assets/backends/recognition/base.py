@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -23,6 +25,7 @@ class Recognized:
     text: str
     status: str = "ok"
     error: str | None = None
+    retryable: bool = False  # the failure may pass on another attempt (server error, timeout): never cached
 
 
 class Recognizer(Protocol):
@@ -34,3 +37,52 @@ class Recognizer(Protocol):
     def recognize(self, crops: Sequence[Crop]) -> list[Recognized]:
         """One result per crop, in order; a crop that fails gets status "error", never an exception."""
         ...
+
+    def recognize_stream(self, items: Iterable[tuple[int, Crop]]) -> Iterator[tuple[int, Recognized]]:
+        """(key, result) for each (key, crop), in any order, pulling crops only as it needs them.
+
+        The recognition stage hands crops over through this, so a recognizer that keeps many
+        requests in flight takes the next crop as soon as one finishes, and a shard's crops
+        never have to sit in memory at once.
+        """
+        ...
+
+    def cache_key(self, crop: Crop) -> str:
+        """A key that is equal for two crops exactly when this recognizer would read them the same way."""
+        ...
+
+    def run_metadata(self) -> dict[str, int | float]:
+        """What the last ``recognize_stream`` cost (requests, retries, latency...), for the stage's metadata."""
+        ...
+
+
+def recognize_in_batches(
+    recognizer: Recognizer, items: Iterable[tuple[int, Crop]]
+) -> Iterator[tuple[int, Recognized]]:
+    """``recognize_stream`` for recognizers that work in batches: ``batch_size`` crops per call."""
+    step = max(1, int(recognizer.batch_size or 1))
+    batch: list[tuple[int, Crop]] = []
+
+    def flush() -> Iterator[tuple[int, Recognized]]:
+        results = recognizer.recognize([crop for _, crop in batch])
+        if len(results) != len(batch):
+            raise RuntimeError(
+                f"recognizer {recognizer.name!r} returned {len(results)} results for {len(batch)} crops"
+            )
+        yield from zip((key for key, _ in batch), results)
+
+    for item in items:
+        batch.append(item)
+        if len(batch) == step:
+            yield from flush()
+            batch = []
+    if batch:
+        yield from flush()
+
+
+def content_key(image: bytes, *settings: str) -> str:
+    """sha256 over a crop's bytes and everything else that decides its answer."""
+    digest = hashlib.sha256(image)
+    for value in settings:
+        digest.update(b"\x00" + value.encode())
+    return digest.hexdigest()

@@ -9,8 +9,9 @@ default (pages are upright).
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ import numpy as np
 from rapidocr.ch_ppocr_rec import TextRecInput
 from rapidocr.utils.process_img import get_rotate_crop_image
 
-from ocr_assets.backends.recognition.base import Crop, Recognized
+from ocr_assets.backends.recognition.base import Crop, Recognized, content_key, recognize_in_batches
 from ocr_assets.imaging import decode_page
 
 # Crop settings; the page engine keeps rapidocr's defaults (the benchmark baseline).
@@ -175,6 +176,17 @@ class RapidOcrRecognizer:
             rows = reading_order_lines(boxes[keep], [texts[start + j] for j in keep])
             results[k] = Recognized(text=_join(crops[k].task, rows))
         return results  # type: ignore[return-value]
+
+    def recognize_stream(self, items: Iterable[tuple[int, Crop]]) -> Iterator[tuple[int, Recognized]]:
+        """(key, result) per (key, crop), read in batches of ``batch_size``."""
+        return recognize_in_batches(self, items)
+
+    def cache_key(self, crop: Crop) -> str:
+        """Same image bytes and task, same reading (the models are the wheel's, the settings fixed)."""
+        return content_key(crop.image, self.name, crop.task, json.dumps(CROP_PARAMS, sort_keys=True))
+
+    def run_metadata(self) -> dict[str, int | float]:
+        return {}  # in process: nothing beyond the stage's own timings
 
     def recognize_page(self, image: np.ndarray) -> str:
         """Whole-page OCR with rapidocr's default settings: the baseline the benchmark compares to."""
