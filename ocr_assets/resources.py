@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import threading
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from ocr_assets.dataset import Shard, ShardRef, list_shards, open_shard
 from ocr_assets.storage import ParquetStore
 
 _models: dict[tuple, Any] = {}
+_managed_servers: list = []  # vLLM servers started by this process's recognition step
 _models_lock = threading.Lock()
 
 
@@ -177,29 +179,67 @@ class RecognizerResource(dg.ConfigurableResource):
     )
     vlm_max_tokens: str | None = Field(default=None, description='JSON object task → max_tokens, e.g. {"text": 4096}.')
     cache: bool = Field(default=True, description="Reuse answers stored next to the outputs (never pay twice).")
+    vlm_serve_model: str | None = Field(
+        default=None, description="Start `vllm serve` with this model for the recognition step and stop it after."
+    )
+    vlm_serve_port: int = Field(default=8000, description="Port of the managed vLLM server.")
+    vlm_serve_gpu_memory: float = Field(default=0.7, description="GPU memory share of the managed vLLM server.")
+    vlm_serve_flags: str | None = Field(
+        default=None, description="Flags for `vllm serve`, replacing the defaults (the throughput flags)."
+    )
     crop_format: str = Field(default="png", description="How crops are stored for the local recognizer: png or jpeg.")
-
-    def kind_name(self) -> str:
-        return resolve_recognizer(self.kind, self.vlm_base_url)
 
     def stored_crop_format(self) -> str:
         """How the crops stage stores crops: as the VLM request needs them, or as configured."""
         return "vlm-jpeg" if self.kind_name() == "openai" else self.crop_format
 
+    def kind_name(self) -> str:
+        return resolve_recognizer(self.kind, self.vlm_base_url or self.vlm_serve_model)
+
     def load(self) -> tuple[Recognizer, float]:
-        """The recognizer, loaded once per process; returns (recognizer, seconds spent loading now)."""
+        """The recognizer, loaded once per process; returns (recognizer, seconds spent loading now).
+
+        With ``vlm_serve_model``, a vLLM server is started first (its start-up counts as loading)
+        and stopped when the step ends.
+        """
         name = self.kind_name()
         options: dict[str, Any] = {}
+        base_url = self.vlm_base_url
+        if name == "openai" and self.vlm_serve_model:
+            start = time.perf_counter()
+            base_url = self._start_vllm()
+            recognizer = create_recognizer(name, **self._vlm_options(base_url))
+            return recognizer, time.perf_counter() - start
         if name == "openai":
-            options = {
-                "base_url": self.vlm_base_url, "model": self.vlm_model, "api_key": self.vlm_api_key,
-                "concurrency": self.vlm_concurrency, "timeout": self.vlm_timeout,
-                "max_attempts": self.vlm_max_attempts, "verify_tls": self.vlm_verify_tls,
-                "prompts": _parse_json_object("vlm_prompts", self.vlm_prompts),
-                "max_tokens": _parse_json_object("vlm_max_tokens", self.vlm_max_tokens),
-            }
+            options = self._vlm_options(base_url)
         key = ("recognizer", name, self.threads, json.dumps(options, sort_keys=True, default=str))
         return _load_once(key, lambda: create_recognizer(name, threads=self.threads or None, **options))
+
+    def _vlm_options(self, base_url: str | None) -> dict[str, Any]:
+        return {
+            "base_url": base_url, "model": self.vlm_model, "api_key": self.vlm_api_key,
+            "concurrency": self.vlm_concurrency, "timeout": self.vlm_timeout,
+            "max_attempts": self.vlm_max_attempts, "verify_tls": self.vlm_verify_tls,
+            "prompts": _parse_json_object("vlm_prompts", self.vlm_prompts),
+            "max_tokens": _parse_json_object("vlm_max_tokens", self.vlm_max_tokens),
+        }
+
+    def _start_vllm(self) -> str:
+        from ocr_assets.vllm_server import DEFAULT_FLAGS, ManagedVllm, VllmSettings
+
+        flags = tuple(shlex.split(self.vlm_serve_flags)) if self.vlm_serve_flags else DEFAULT_FLAGS
+        server = ManagedVllm(VllmSettings(
+            self.vlm_serve_model, served_name=self.vlm_model, port=self.vlm_serve_port,
+            gpu_memory_utilization=self.vlm_serve_gpu_memory, flags=flags,
+        ))
+        base_url = server.start()  # stops what it started if it cannot get healthy
+        _managed_servers.append(server)
+        return base_url
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        """Stop a vLLM server this step started."""
+        while _managed_servers:
+            _managed_servers.pop().stop()
 
 
 def _from_env(name: str, default: Any = None) -> Any:

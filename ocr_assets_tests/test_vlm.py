@@ -281,3 +281,45 @@ def test_dagster_pipeline_with_the_openai_recognizer(small_dataset, tmp_path):
     assert "vlm_api_key" not in json.dumps({k: str(v) for k, v in first.items()})
     docs = pq.read_table(tmp_path / "out" / "documents" / f"{key}.parquet")
     assert set(docs.column("status").to_pylist()) == {"ok"}
+
+
+FAKE_VLLM = """#!{python}
+# Stands in for `vllm serve MODEL --served-model-name NAME --host H --port P ...`: the local server.
+import sys
+args = sys.argv[1:]
+assert args[0] == "serve", args
+opts = dict(zip(args[2::2], args[3::2]))
+assert "--gpu-memory-utilization" in opts and "--max-num-seqs" in opts, args
+from ocr_assets.cli import main
+sys.exit(main(["serve", "--port", opts["--port"], "--model", opts["--served-model-name"]]))
+"""
+
+
+def test_managed_vllm_starts_serves_and_stops(tmp_path, monkeypatch):
+    from ocr_assets.resources import RecognizerResource
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "vllm"
+    fake.write_text(FAKE_VLLM.format(python=sys.executable))
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    resource = RecognizerResource(vlm_serve_model="zai-org/GLM-OCR", vlm_serve_port=_free_port())
+    assert resource.kind_name() == "openai" and resource.stored_crop_format() == "vlm-jpeg"
+    recognizer, load_seconds = resource.load()
+    data, w, h = vlm_crop(_render([LINE]))
+    (result,) = recognizer.recognize([Crop("text", data, w, h)])
+    assert result.status == "ok" and _f1(result.text, LINE) >= 0.9 and load_seconds > 0
+    from ocr_assets.resources import _managed_servers
+
+    (server,) = _managed_servers
+    resource.teardown_after_execution(None)
+    assert server.process.poll() is not None and not _managed_servers
+
+
+def test_managed_vllm_missing_is_a_clear_error(tmp_path, monkeypatch):
+    from ocr_assets.resources import RecognizerResource
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match="vLLM is not installed"):
+        RecognizerResource(vlm_serve_model="zai-org/GLM-OCR").load()
