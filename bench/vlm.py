@@ -14,6 +14,7 @@ thread pool of the same size, the SDK's own way of keeping requests in flight).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import math
 import multiprocessing
@@ -36,8 +37,8 @@ PROMPT = "Text Recognition:"
 
 
 def _serve(port: int, latency: float) -> None:
-    def answer(image: bytes, prompt: str, max_tokens: int) -> str:
-        time.sleep(latency)
+    async def answer(image: bytes, prompt: str, max_tokens: int) -> str:
+        await asyncio.sleep(latency)
         return "a fixed answer of a few words"
 
     OcrServer("127.0.0.1", port, answer=answer).serve_forever()

@@ -9,17 +9,22 @@ fixed-latency or fault-injecting answer.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import inspect
 import json
+import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
 
 from ocr_assets import config
 
-Answer = Callable[[bytes, str, int], str]  # (image bytes, prompt, max_tokens) -> text
+Answer = Callable[[bytes, str, int], "str | Awaitable[str]"]  # (image bytes, prompt, max_tokens) -> text
 Reply = tuple[int, dict[str, str], bytes]  # status, headers, body
 
 
@@ -67,22 +72,38 @@ def parse_chat(payload: dict) -> tuple[bytes, str, int]:
     return image or b"", prompt, int(payload.get("max_tokens") or 8192)
 
 
-class OcrServer(ThreadingHTTPServer):
-    """The HTTP server: one thread per connection, keep-alive, a deep listen queue for bursts."""
+class OcrServer:
+    """The HTTP server (aiohttp, on its own event loop): ``start()`` in the background or ``serve_forever()``.
 
-    daemon_threads = True
-    request_queue_size = 1024
+    A synchronous ``answer`` (the local models) runs on a thread pool, so slow answers do not
+    hold up the others; an ``async`` one runs on the loop (the bench's fixed-latency answer).
+    """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, answer: Answer | None = None,
-                 model: str = "glm-ocr") -> None:
+                 model: str = "glm-ocr", threads: int = 512) -> None:
         self.answer = answer or local_answer()
         self.model = model
-        super().__init__((host, port), _Handler)
+        self.host, self.port = host, port
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ocr-serve")
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+        self._loop.run_until_complete(self._open())
+
+    async def _open(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=2048)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
 
     @property
     def base_url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        return f"http://{self.host}:{self.port}/v1"
 
     def models(self) -> Reply:
         return _json(200, {"object": "list", "data": [
@@ -90,74 +111,94 @@ class OcrServer(ThreadingHTTPServer):
 
     def chat(self, payload: dict) -> Reply:
         """The reply to one chat-completions request (override to inject faults in tests)."""
-        if payload.get("model") not in (None, self.model):
-            return _error(404, f"model {payload.get('model')!r} is not served here; {self.model!r} is")
-        try:
-            image, prompt, max_tokens = parse_chat(payload)
-        except (ValueError, TypeError) as exc:
-            return _error(400, str(exc))
+        checked = self._check(payload)
+        if isinstance(checked, tuple) and len(checked) == 3 and isinstance(checked[0], int):
+            return checked
+        image, prompt, max_tokens = checked
         try:
             text = self.answer(image, prompt, max_tokens) if image else ""  # no image, no text to read
         except Exception as exc:
             return _error(422, f"could not read the image: {exc}")
+        return self._completion(text, image, prompt, max_tokens)
+
+    def _check(self, payload: dict):
+        if payload.get("model") not in (None, self.model):
+            return _error(404, f"model {payload.get('model')!r} is not served here; {self.model!r} is")
+        try:
+            return parse_chat(payload)
+        except (ValueError, TypeError) as exc:
+            return _error(400, str(exc))
+
+    def _completion(self, text: str, image: bytes, prompt: str, max_tokens: int) -> Reply:
         words = text.split()
         finish = "length" if len(words) > max_tokens else "stop"
         text = " ".join(words[:max_tokens]) if finish == "length" else text
+        prompt_tokens = len(image) // 1024 + len(prompt.split())
         return _json(200, {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": self.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-            "usage": {"prompt_tokens": len(image) // 1024 + len(prompt.split()),
-                      "completion_tokens": min(len(words), max_tokens),
-                      "total_tokens": len(image) // 1024 + len(prompt.split()) + min(len(words), max_tokens)},
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": min(len(words), max_tokens),
+                      "total_tokens": prompt_tokens + min(len(words), max_tokens)},
         })
+
+    # -- HTTP --
+
+    @staticmethod
+    def _response(reply: Reply) -> web.Response:
+        status, headers, body = reply
+        return web.Response(status=status, headers=headers, body=body)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return self._response(self.models())
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        try:
+            payload = json.loads(await request.read())
+        except ValueError:
+            return self._response(_error(400, "the body is not JSON"))
+        if inspect.iscoroutinefunction(self.answer) and type(self).chat is OcrServer.chat:
+            checked = self._check(payload)
+            if isinstance(checked[0], int):
+                return self._response(checked)
+            image, prompt, max_tokens = checked
+            text = await self.answer(image, prompt, max_tokens) if image else ""
+            return self._response(self._completion(text, image, prompt, max_tokens))
+        reply = await asyncio.get_running_loop().run_in_executor(self._pool, self.chat, payload)
+        return self._response(reply)
+
+    # -- lifecycle --
+
+    def serve_forever(self) -> None:
+        """Serve on this thread until ``shutdown()`` (or Ctrl-C)."""
+        self._loop.run_forever()
 
     def start(self) -> "OcrServer":
         """Serve on a background thread (tests, the bench); returns self."""
-        threading.Thread(target=self.serve_forever, name="ocr-serve", daemon=True).start()
+        self._thread = threading.Thread(target=self.serve_forever, name="ocr-serve", daemon=True)
+        self._thread.start()
         return self
 
+    def shutdown(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: a client with many requests reuses its connections
-    server: OcrServer
-
-    def log_message(self, format, *args):  # noqa: A002 - one line per request would drown the output
-        pass
-
-    def _send(self, reply: Reply) -> None:
-        status, headers, body = reply
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self):  # noqa: N802 - the http.server API
-        if self.path.rstrip("/") == "/v1/models":
-            self._send(self.server.models())
-        elif self.path.rstrip("/") in ("/health", "/v1/health"):
-            self._send((200, {}, b""))
-        else:
-            self._send(_error(404, f"no route {self.path}"))
-
-    def do_POST(self):  # noqa: N802
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.path.rstrip("/") != "/v1/chat/completions":
-            self._send(_error(404, f"no route {self.path}"))
-            return
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            self._send(_error(400, "the body is not JSON"))
-            return
-        self._send(self.server.chat(payload))
+    def server_close(self) -> None:
+        if self._runner is not None and not self._loop.is_running():
+            self._loop.run_until_complete(self._runner.cleanup())
+            self._loop.close()
+        self._pool.shutdown(wait=False)
 
 
 def serve(host: str, port: int, model: str, threads: int | None = None) -> None:
     """Run the server in the foreground until interrupted."""
     server = OcrServer(host, port, answer=local_answer(threads), model=model)
+    # stop cleanly on SIGTERM (containers, process managers), even where a parent ignored it
+    signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
     print(f"serving {model!r} (local PP-OCRv6) at {server.base_url}; set "
           f"{config.ENV_VLM_BASE_URL}={server.base_url}", flush=True)
     try:

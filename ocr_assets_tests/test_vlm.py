@@ -52,6 +52,7 @@ class FaultyServer(OcrServer):
             attempt = self.calls[n]
             self.in_flight += 1
             self.peak = max(self.peak, self.in_flight)
+        abandoned = False
         try:
             time.sleep(0.05)
             kind = n % 10
@@ -60,7 +61,10 @@ class FaultyServer(OcrServer):
             if kind == 2 and attempt == 1:
                 return _json(429, {"error": {"message": "slow down"}}, {"Retry-After": "1"})
             if kind == 3 and attempt == 1:
-                time.sleep(1.5)  # past the client's timeout
+                with self.lock:  # the client gives up after 1 s: from then on it is not in flight
+                    self.in_flight -= 1
+                    abandoned = True
+                time.sleep(1.5)
             if kind == 4 and attempt == 1:
                 return 200, {"Content-Type": "application/json"}, b'{"choices": [ {"message": '
             if kind == 5 and attempt == 1:
@@ -79,7 +83,7 @@ class FaultyServer(OcrServer):
                                "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}})
         finally:
             with self.lock:
-                self.in_flight -= 1
+                self.in_flight -= 0 if abandoned else 1
 
 
 def _crops_table(n: int) -> pa.Table:
@@ -231,7 +235,7 @@ def test_local_server_reads_crops_over_http(tmp_path):
         assert row["status"] == "ok" and _f1(row["text"], LINE) >= 0.9
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        assert proc.wait(timeout=30) == 0  # SIGTERM stops it cleanly
 
 
 def _free_port() -> int:
