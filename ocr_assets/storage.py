@@ -77,13 +77,23 @@ class ParquetStore:
                 tables.append(pq.read_table(handle))
         return pa.concat_tables(tables) if tables else None
 
-    def _write_atomic(self, final: str, table: pa.Table) -> None:
+    def write_file(self, kind: str, partition: str, data: bytes, suffix: str) -> str:
+        """Write ``<storage>/_<kind>/<partition><suffix>`` atomically (a preview picture); returns the URI."""
+        fs, root = self._fs_root
+        final = f"{root}/_{kind}/{partition}{suffix}"
+        self._write_atomic(final, data)
+        return fs.unstrip_protocol(final) if not isinstance(fs, LocalFileSystem) else f"file://{final}"
+
+    def _write_atomic(self, final: str, content: pa.Table | bytes) -> None:
         fs, _ = self._fs_root
         tmp = f"{final}.tmp-{uuid.uuid4().hex}"
         try:
             fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
             with fs.open(tmp, "wb") as handle:
-                pq.write_table(table, handle, compression="zstd")
+                if isinstance(content, pa.Table):
+                    pq.write_table(content, handle, compression="zstd")
+                else:
+                    handle.write(content)
                 if isinstance(fs, LocalFileSystem):
                     handle.flush()
                     os.fsync(handle.fileno())
