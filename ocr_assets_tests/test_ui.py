@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -67,7 +68,7 @@ class DagsterDev:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.log = home / "dagster-dev.log"
-        exe = shutil.which("dagster") or str(Path(os.sys.executable).with_name("dagster"))
+        exe = shutil.which("dagster") or str(Path(sys.executable).with_name("dagster"))
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
                 [exe, "dev", "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(self.port)],
