@@ -81,8 +81,20 @@ def _check(name: str, asset: str, description: str, blocking: bool = False) -> d
 @dg.asset(**COMMON, kinds={"parquet", "python"}, code_version="1", check_specs=[
     _check("every_source_row", "pages", "One row per source row of the shard (blocks the GPU stages).", True),
 ])
-def pages(context: dg.AssetExecutionContext, dataset: DatasetResource, storage: StorageResource):
-    """One row per source row of the shard: image format and size read from the header bytes, status, error."""
+def pages(
+    context: dg.AssetExecutionContext,
+    dataset: DatasetResource,
+    storage: StorageResource,
+    layout_model: LayoutResource,
+    recognizer: RecognizerResource,
+):
+    """One row per source row of the shard: image format and size read from the header bytes, status, error.
+
+    Runs first, so it checks the whole configuration first: a bad layout backend or model
+    folder, or a VLM server that does not answer, fails here, before any GPU work.
+    """
+    layout_model.preflight()
+    recognizer.preflight()
     shard = dataset.open(context.partition_key)
     table, report = extract_pages(shard)
     return publish(context, storage, table, report,

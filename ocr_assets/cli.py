@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -108,6 +109,9 @@ def run_pipeline(partitions: list[str], select: list[str]) -> int:
             instance.add_dynamic_partitions(SHARDS, new)
         print(f"dataset {location}: {len(shards)} shards ({len(new)} new); running {len(keys)}; "
               f"instance {home}")
+        for run_id in release_dead_runs(instance):
+            print(f"  run {run_id[:8]} was left running by an ocr-assets process that died: marked failed, "
+                  f"its concurrency slots freed")
         assets = [a for a in defs.assets if a.key.to_user_string() in select]
         quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
         summary: dict[str, dict[str, float]] = {}
@@ -117,7 +121,7 @@ def run_pipeline(partitions: list[str], select: list[str]) -> int:
             print(f"[{index}/{len(keys)}] shard {key}")
             result = dg.materialize(
                 assets, partition_key=key, instance=instance, resources=resources,
-                raise_on_error=False, run_config=quiet, tags={"ocr_assets/launched_by": "cli"},
+                raise_on_error=False, run_config=quiet, tags=_run_tags(),
             )
             for event in result.get_asset_materialization_events():
                 _add_to_summary(summary, event.asset_key.to_user_string(), event.materialization.metadata)
@@ -125,6 +129,9 @@ def run_pipeline(partitions: list[str], select: list[str]) -> int:
                 failed.append(key)
                 for failure in result.get_step_failure_events():
                     error = failure.step_failure_data.error
+                    # the pipeline's own error, not Dagster's "error occurred while executing" wrapper
+                    while error is not None and error.cls_name.startswith("Dagster") and error.cause is not None:
+                        error = error.cause
                     message = error.message.strip() if error else "unknown error"
                     print(f"  FAILED {failure.step_key}: {message}", file=sys.stderr)
         _print_summary(summary, time.perf_counter() - start)
@@ -132,6 +139,35 @@ def run_pipeline(partitions: list[str], select: list[str]) -> int:
         print(f"{len(failed)} partition(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_tags() -> dict[str, str]:
+    """Who runs it: so a later `ocr-assets run` can tell a run whose process died (kill -9)."""
+    return {"ocr_assets/launched_by": "cli", "ocr_assets/host": socket.gethostname(),
+            "ocr_assets/pid": str(os.getpid())}
+
+
+def release_dead_runs(instance) -> list[str]:
+    """Runs of this command on this host whose process is gone: mark them failed and free their
+    concurrency slots, which they would otherwise hold for ever (the `gpu` and `vlm` pools)."""
+    import dagster as dg
+
+    alive = (dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED)
+    released = []
+    for run in instance.get_runs(dg.RunsFilter(statuses=list(alive), tags={"ocr_assets/launched_by": "cli"})):
+        if run.tags.get("ocr_assets/host") != socket.gethostname():
+            continue
+        try:
+            os.kill(int(run.tags.get("ocr_assets/pid", "0")), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except (PermissionError, ValueError):
+            continue
+        instance.report_run_failed(run, "the ocr-assets process running it died (killed or crashed)")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        released.append(run.run_id)
+    return released
 
 
 def _add_to_summary(summary: dict[str, dict[str, float]], asset: str, metadata) -> None:

@@ -21,12 +21,14 @@ ENV_VLM_BASE_URL = "OCR_ASSETS_VLM_BASE_URL"
 ENV_VLM_MODEL = "OCR_ASSETS_VLM_MODEL"
 ENV_VLM_API_KEY = "OCR_ASSETS_VLM_API_KEY"
 ENV_VLM_CONCURRENCY = "OCR_ASSETS_VLM_CONCURRENCY"
+ENV_MAX_PIXELS = "OCR_ASSETS_MAX_PIXELS"
 ENV_MAX_ERROR_RATE = "OCR_ASSETS_MAX_ERROR_RATE"
 ENV_MAX_EMPTY_RATE = "OCR_ASSETS_MAX_EMPTY_RATE"
 ENV_SENSOR_RUNS = "OCR_ASSETS_SENSOR_RUNS"
 ENV_SCHEDULE_CRON = "OCR_ASSETS_SCHEDULE_CRON"
 
 DEFAULT_STORAGE = "./ocr_data"
+DEFAULT_MAX_PIXELS = 100_000_000  # a page over this is refused before decoding (600-dpi A3 is ~70 MP)
 DEFAULT_SAMPLE_DIR = "./ocr_sample"
 
 TASKS = ("text", "table", "formula", "skip")
@@ -95,3 +97,17 @@ def env(name: str, default: str | None = None) -> str | None:
     """An environment variable, with empty strings read as unset."""
     value = os.environ.get(name, "").strip()
     return value or default
+
+
+def max_pixels() -> int:
+    """The largest page (width × height) that is decoded; larger ones are refused from their header."""
+    value = env(ENV_MAX_PIXELS)
+    if value is None:
+        return DEFAULT_MAX_PIXELS
+    try:
+        cap = int(value)
+    except ValueError as exc:
+        raise ValueError(f"{ENV_MAX_PIXELS}={value!r} is not a whole number of pixels") from exc
+    if cap <= 0:
+        raise ValueError(f"{ENV_MAX_PIXELS}={value!r} must be positive")
+    return cap

@@ -5,16 +5,39 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from ocr_assets import config
+from ocr_assets.image_header import ImageHeaderError, read_header
+
 
 class ImageDecodeError(ValueError):
     """The bytes of one page or crop could not be decoded."""
 
 
+def check_pixels(width: int, height: int, cap: int | None = None) -> None:
+    """Refuse a page whose header declares more than ``cap`` pixels (a decompression bomb)."""
+    cap = config.max_pixels() if cap is None else cap
+    if width * height > cap:
+        raise ImageDecodeError(
+            f"the image declares {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{cap:,}; raise {config.ENV_MAX_PIXELS} to read it"
+        )
+
+
 def decode_page(data: bytes | memoryview | np.ndarray) -> np.ndarray:
-    """Decode encoded image bytes to a BGR uint8 array (H, W, 3) with cv2, without copying the input."""
+    """Decode encoded image bytes to a BGR uint8 array (H, W, 3) with cv2, without copying the input.
+
+    The header is read first: an image declaring more pixels than OCR_ASSETS_MAX_PIXELS is
+    refused before anything is allocated for it.
+    """
     buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
     if buf.size == 0:
         raise ImageDecodeError("empty image bytes")
+    try:
+        header = read_header(memoryview(buf))
+    except ImageHeaderError:
+        header = None  # a format the header reader does not know: cv2 decides
+    if header is not None:
+        check_pixels(header.width, header.height)
     image = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     if image is None:
         raise ImageDecodeError("the bytes are not an image cv2 can decode")

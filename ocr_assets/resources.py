@@ -19,8 +19,10 @@ import dagster as dg
 from pydantic import Field
 
 from ocr_assets import config
-from ocr_assets.backends.layout import LayoutBackend, create_layout_backend, resolve_layout_backend
-from ocr_assets.backends.recognition import Recognizer, create_recognizer, resolve_recognizer
+from ocr_assets.backends.layout import (
+    LAYOUT_BACKENDS, LayoutBackend, create_layout_backend, resolve_layout_backend,
+)
+from ocr_assets.backends.recognition import RECOGNIZERS, Recognizer, create_recognizer, resolve_recognizer
 from ocr_assets.dataset import Shard, ShardRef, list_shards, open_shard
 from ocr_assets.storage import ParquetStore
 
@@ -111,6 +113,24 @@ class LayoutResource(dg.ConfigurableResource):
     def backend_name(self) -> str:
         return resolve_layout_backend(self.backend, self.model)
 
+    def preflight(self) -> None:
+        """Cheap checks of the configuration, without loading the model: a bad backend name, a
+        missing model folder or device is an error naming the setting, before any work starts."""
+        name = self.backend_name()
+        if name not in LAYOUT_BACKENDS:
+            raise ValueError(f"{config.ENV_LAYOUT_BACKEND}={name!r} is not a layout backend; choose one of "
+                             f"{', '.join(LAYOUT_BACKENDS)}")
+        _parse_label_tasks(self.label_tasks)
+        if name == "pp-doclayout-v3":
+            from ocr_assets.backends.layout.pp_doclayout_v3 import resolve_device, resolve_dtype
+
+            if not self.model:
+                raise ValueError(f"{config.ENV_LAYOUT_BACKEND}=pp-doclayout-v3 needs {config.ENV_LAYOUT_MODEL}")
+            path = Path(self.model).expanduser()
+            if (path.is_absolute() or self.model.startswith((".", "~"))) and not (path / "config.json").is_file():
+                raise ValueError(f"{config.ENV_LAYOUT_MODEL}={self.model!r}: no config.json in that folder")
+            resolve_dtype(self.dtype, resolve_device(self.device))
+
     def load(self) -> tuple[LayoutBackend, float]:
         """The layout backend, loaded once per process; returns (backend, seconds spent loading now)."""
         name = self.backend_name()
@@ -188,6 +208,19 @@ class RecognizerResource(dg.ConfigurableResource):
         default=None, description="Flags for `vllm serve`, replacing the defaults (the throughput flags)."
     )
     crop_format: str = Field(default="png", description="How crops are stored for the local recognizer: png or jpeg.")
+
+    def preflight(self) -> None:
+        """Cheap checks before any work starts: an unknown recognizer, or a VLM server that does not
+        answer (or does not serve the model), fails here, naming the setting to change."""
+        name = self.kind_name()
+        if name not in RECOGNIZERS:
+            raise ValueError(f"{config.ENV_RECOGNIZER}={name!r} is not a recognizer; choose one of "
+                             f"{', '.join(RECOGNIZERS)}")
+        if name == "openai" and not self.vlm_serve_model:
+            from ocr_assets.backends.recognition.openai_vlm import OpenAIRecognizer
+
+            options = self._vlm_options(self.vlm_base_url)
+            OpenAIRecognizer(options.pop("base_url"), **options)  # probes GET /models
 
     def stored_crop_format(self) -> str:
         """How the crops stage stores crops: as the VLM request needs them, or as configured."""

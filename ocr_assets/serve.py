@@ -80,9 +80,10 @@ class OcrServer:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, answer: Answer | None = None,
-                 model: str = "glm-ocr", threads: int = 512) -> None:
+                 model: str = "glm-ocr", threads: int = 512, ssl_context=None) -> None:
         self.answer = answer or local_answer()
         self.model = model
+        self.ssl_context = ssl_context  # serve https
         self.host, self.port = host, port
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ocr-serve")
         self._loop = asyncio.new_event_loop()
@@ -97,13 +98,13 @@ class OcrServer:
         app.router.add_post("/v1/chat/completions", self._chat)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, backlog=2048)
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=2048, ssl_context=self.ssl_context)
         await site.start()
         self.port = self._runner.addresses[0][1]
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}/v1"
 
     def models(self) -> Reply:
         return _json(200, {"object": "list", "data": [

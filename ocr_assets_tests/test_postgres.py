@@ -112,7 +112,8 @@ def test_deploy_postgres_config_runs_against_the_server(postgres_url, small_data
         instance.add_dynamic_partitions(SHARDS, [key])
         result = dg.materialize(ASSETS[:1], partition_key=key, instance=instance,
                                 resources={"dataset": DatasetResource(path=small_dataset),
-                                           "storage": StorageResource(root=str(tmp_path / "out"))})
+                                           "storage": StorageResource(root=str(tmp_path / "out")),
+                                           "layout_model": LayoutResource(), "recognizer": RecognizerResource()})
         assert result.success
 
 

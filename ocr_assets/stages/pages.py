@@ -12,7 +12,9 @@ import numpy as np
 import pyarrow as pa
 
 from ocr_assets.dataset import Shard
+from ocr_assets.config import max_pixels
 from ocr_assets.image_header import ImageHeaderError, read_header
+from ocr_assets.imaging import ImageDecodeError, check_pixels
 from ocr_assets.schemas import PAGES
 from ocr_assets.timing import StageReport, timed_stage
 
@@ -20,8 +22,9 @@ from ocr_assets.timing import StageReport, timed_stage
 def extract_pages(shard: Shard) -> tuple[pa.Table, StageReport]:
     """The `pages` table of one shard (schema ``PAGES``) and its report.
 
-    A row whose bytes are null, empty, not an image or with an unreadable header becomes a
-    ``status="error"`` row with the reason; it never stops the shard.
+    A row whose bytes are null, empty, not an image, with an unreadable header or declaring more
+    pixels than OCR_ASSETS_MAX_PIXELS becomes a ``status="error"`` row with the reason (format
+    and size kept where the header gave them); it never stops the shard.
     """
     report = StageReport()
     with timed_stage(report):
@@ -34,6 +37,7 @@ def extract_pages(shard: Shard) -> tuple[pa.Table, StageReport]:
         ok = np.zeros(n, dtype=bool)
         column = shard.image_column
         image_at = shard.image_at
+        cap = max_pixels()
         with report.part("header"):
             for row in range(n):
                 try:
@@ -43,25 +47,29 @@ def extract_pages(shard: Shard) -> tuple[pa.Table, StageReport]:
                         continue
                     nbytes[row] = len(data)
                     fmt, width, height = read_header(data)
+                    formats[row], widths[row], heights[row] = fmt, width, height
+                    check_pixels(width, height, cap)
                 except ImageHeaderError as exc:
                     formats[row] = exc.format
+                    errors[row] = str(exc)
+                    continue
+                except ImageDecodeError as exc:  # too many pixels
                     errors[row] = str(exc)
                     continue
                 except Exception as exc:  # a row that cannot be read must not stop the shard
                     errors[row] = f"could not read the image: {type(exc).__name__}: {exc}"
                     continue
-                formats[row], widths[row], heights[row] = fmt, width, height
                 ok[row] = True
         with report.part("table"):
-            bad = ~ok
+            no_size = widths == 0  # no header read; an oversized page keeps the size it declared
             table = pa.table(
                 {
                     "page_id": pa.array(shard.page_ids(), pa.string()),
                     "shard": pa.array([shard.key] * n, pa.string()),
                     "row": pa.array(np.arange(n, dtype=np.int64)),
                     "format": pa.array(formats, pa.string()),
-                    "width": pa.array(widths, pa.int32(), mask=bad),
-                    "height": pa.array(heights, pa.int32(), mask=bad),
+                    "width": pa.array(widths, pa.int32(), mask=no_size),
+                    "height": pa.array(heights, pa.int32(), mask=no_size),
                     "nbytes": pa.array(nbytes, pa.int64()),
                     "status": pa.array(np.where(ok, "ok", "error").tolist(), pa.string()),
                     "error": pa.array(errors, pa.string()),

@@ -166,7 +166,11 @@ class OpenAIRecognizer:
         request = urllib.request.Request(f"{self.base_url}/models")
         if self.api_key:
             request.add_header("Authorization", f"Bearer {self.api_key}")
-        context = None if self.verify_tls else ssl._create_unverified_context()
+        context = None
+        if not self.verify_tls:  # turned off on purpose (vlm_verify_tls): a self-signed server
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
         try:
             with urllib.request.urlopen(request, timeout=min(self.timeout, 15.0), context=context) as response:
                 status, body = response.status, response.read()
