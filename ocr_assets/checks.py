@@ -16,16 +16,7 @@ DEFAULT_MAX_EMPTY_RATE = 0.10  # non-empty crops read as no text
 
 
 def _rate(name: str, default: float) -> float:
-    value = config.env(name)
-    if value is None:
-        return default
-    try:
-        rate = float(value)
-    except ValueError as exc:
-        raise ValueError(f"{name}={value!r} is not a number between 0 and 1") from exc
-    if not 0 <= rate <= 1:
-        raise ValueError(f"{name}={value!r} must be between 0 and 1")
-    return rate
+    return config.env_number(name, default, float, low=0, high=1)
 
 
 def every_source_row(table: pa.Table, source_rows: int) -> tuple[bool, dict]:

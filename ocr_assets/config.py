@@ -99,15 +99,21 @@ def env(name: str, default: str | None = None) -> str | None:
     return value or default
 
 
+def env_number(name: str, default: float, kind: type = float, low: float = 0, high: float | None = None):
+    """A numeric setting from the environment, checked, with an error naming the variable."""
+    value = env(name)
+    if value is None:
+        return default
+    try:
+        number = kind(value)
+    except ValueError as exc:
+        raise ValueError(f"{name}={value!r} is not a {'whole ' if kind is int else ''}number") from exc
+    if number < low or (high is not None and number > high):
+        raise ValueError(f"{name}={value!r} must be between {low} and {high}" if high is not None
+                         else f"{name}={value!r} must be at least {low}")
+    return number
+
+
 def max_pixels() -> int:
     """The largest page (width × height) that is decoded; larger ones are refused from their header."""
-    value = env(ENV_MAX_PIXELS)
-    if value is None:
-        return DEFAULT_MAX_PIXELS
-    try:
-        cap = int(value)
-    except ValueError as exc:
-        raise ValueError(f"{ENV_MAX_PIXELS}={value!r} is not a whole number of pixels") from exc
-    if cap <= 0:
-        raise ValueError(f"{ENV_MAX_PIXELS}={value!r} must be positive")
-    return cap
+    return env_number(ENV_MAX_PIXELS, DEFAULT_MAX_PIXELS, int, low=1)
