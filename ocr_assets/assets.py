@@ -1,6 +1,7 @@
 """The five partitioned assets. Each is thin: read upstream Parquet, call its stage, write Parquet, report."""
 
 import logging
+import warnings
 
 import dagster as dg
 import pyarrow as pa
@@ -20,6 +21,8 @@ from ocr_assets.stages.recognition import run_recognition
 from ocr_assets.timing import StageReport
 
 progress = logging.getLogger("ocr_assets.progress")
+# backfill_policy is marked beta in this Dagster; it is chosen on purpose (see COMMON below)
+warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=dg.BetaWarning)
 
 GROUP = "ocr"
 OWNERS = ["team:ocr"]
