@@ -57,8 +57,8 @@ def encode_image(image: np.ndarray, fmt: str = "png", jpeg_quality: int = 92) ->
     return buf.tobytes()
 
 
-def vlm_size(width: int, height: int, patch: int = 28, min_pixels: int = 112 * 112,
-             max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
+def vlm_size(width: int, height: int, patch: int = config.VLM_PATCH, min_pixels: int = config.VLM_MIN_PIXELS,
+             max_pixels: int = config.VLM_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) for a VLM: both multiples of ``patch``, pixels within [min, max], aspect kept.
 
     Rounds each side to the nearest multiple, then scales down (or up) by the square root of
