@@ -2,6 +2,7 @@
 
     pip install glmocr==0.1.5   (in the dev extras)
     python bench/layout.py [--pages N] [--device cpu|cuda] [--formats jpeg,png] [--checkpoint DIR]
+    python bench/layout.py --pages 8 --batch-sizes 1,2,4     # the default batch size, measured
 
 Both sides load the same checkpoint, a randomly initialised PP-DocLayoutV3 with the 25 labels
 saved to a local folder (the released architecture, so the same shapes and cost), unless
@@ -149,13 +150,32 @@ def table(rows: list[tuple], header: tuple) -> str:
     return "\n".join([line, "-" * len(line), *body])
 
 
+def batch_sizes(args) -> None:
+    """Seconds per page of the layout stage at each batch size, fast dtype and float32, same pages."""
+    checkpoint = args.checkpoint or str(write_random_checkpoint(Path(tempfile.mkdtemp(prefix="ppdl3-"))))
+    blobs = make_pages(args.pages, "png")
+    rows = []
+    for dtype in ("auto", "float32"):
+        for size in (int(x) for x in args.batch_sizes.split(",")):
+            backend = PPDocLayoutV3Backend(checkpoint, device=args.device, dtype=dtype, batch_size=size)
+            run_ours(backend, blobs[:size])  # warm-up
+            best = min(run_ours(backend, blobs)[0] for _ in range(2))
+            rows.append((backend.info["dtype"], size, f"{best / len(blobs):.3f}"))
+    print(f"\nlayout stage, {len(blobs)} PNG pages, device {args.device}\n")
+    print(table(rows, ("dtype", "batch size", "seconds per page")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pages", type=int, default=12, help="pages per format (>= 256 for the GPU goal)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--formats", default="jpeg,png")
     parser.add_argument("--checkpoint", help="a PP-DocLayoutV3 folder; default: a random one made here")
+    parser.add_argument("--batch-sizes", help="instead: seconds per page of our layout stage at these batch "
+                        "sizes (e.g. 1,2,4), in the device's fast dtype and in float32")
     args = parser.parse_args()
+    if args.batch_sizes:
+        return batch_sizes(args)
 
     checkpoint = args.checkpoint or str(write_random_checkpoint(Path(tempfile.mkdtemp(prefix="ppdl3-"))))
     ours = PPDocLayoutV3Backend(checkpoint, device=args.device)

@@ -76,7 +76,8 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 
 def default_batch_size(device: torch.device) -> int:
-    """Pages per forward pass: 1 on the CPU (measured: batch 4 costs more per page), 32 on a GPU."""
+    """Pages per forward pass: 1 on the CPU (bench/layout.py --batch-sizes: batch 2 and 4 cost more
+    per page), 32 on a GPU (not measured here)."""
     return 32 if device.type == "cuda" else 1
 
 
