@@ -24,7 +24,7 @@ import torch
 
 from ocr_assets import config
 from ocr_assets.backends.layout import pp_postprocess as post
-from ocr_assets.backends.layout.base import Detection, PreparedPage, decode_blob, ensure_prepared
+from ocr_assets.backends.layout.base import Detection, PreparedPage, ensure_prepared, prepare_with
 from ocr_assets.timing import StageReport
 
 INPUT_SIZE = (800, 800)  # (height, width) the processor resizes to, unless the checkpoint says otherwise
@@ -212,12 +212,8 @@ class PPDocLayoutV3Backend:
         return cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
 
     def _prepare_host(self, data) -> PreparedPage | str:
-        page, error, seconds = decode_blob(data)
-        if error is not None:
-            return error
-        start = time.perf_counter()
-        inputs = self._resize_host(page)
-        return PreparedPage(page.shape[0], page.shape[1], inputs, seconds, time.perf_counter() - start, host=page)
+        """One page decoded with cv2 and resized, as every host-side backend prepares pages."""
+        return prepare_with([data], self._resize_host)[0]
 
     def _prepare_jpegs_on_device(self, blobs: list) -> list[PreparedPage | None]:
         """nvJPEG decode of a batch of JPEGs straight into GPU memory; None where it cannot (cv2 then)."""
