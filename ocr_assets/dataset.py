@@ -12,6 +12,7 @@ returns a ``memoryview`` slice of the Arrow data buffer: no copy and no decode p
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 import re
 from dataclasses import dataclass
@@ -45,22 +46,32 @@ class ShardRef:
     kind: ShardKind
 
 
-def shard_key(relative_path: str, with_folder: bool = False) -> str:
-    """Partition key of a shard file: its stem (with its folders joined by ``__`` if asked), sanitised.
+def shard_key(relative_path: str) -> str:
+    """Partition key of a shard file, from its path relative to the dataset folder alone.
 
-    Only ``[A-Za-z0-9._-]`` remain (never a comma or a path separator) and the key never starts
-    with a dot, so it is safe as a Dagster partition key and a file name.
+    The path without its extension, folders joined by ``__``; a leading ``data/`` folder (the
+    hub's layout) is left out, so ``data-00000-of-00002.arrow`` and
+    ``data/train-00000-of-00002.parquet`` keep their stems as keys. Only ``[A-Za-z0-9._-]`` remain
+    (never a comma or a path separator) and the key never starts with a dot; where sanitising
+    changed a character, a short hash of the path is appended so that two paths never share a
+    key. No other file of the dataset takes part: a key never changes when files are added.
     """
-    parts = [p for p in relative_path.replace("\\", "/").split("/") if p not in ("", ".")]
+    parts = [p for p in relative_path.replace("\\", "/").split("/") if p not in ("", ".", "..")]
     if not parts:
         return "shard"
     stem = parts[-1]
     for suffix in _SUFFIXES:
         if stem.endswith(suffix):
             stem = stem[: -len(suffix)]
-    words = [*parts[:-1], stem] if with_folder else [stem]
+            break
+    words = [*parts[:-1], stem]
+    if len(words) > 1 and words[0] == "data":
+        words = words[1:]
+    raw = "__".join(words)
     key = "__".join(_UNSAFE_KEY_CHARS.sub("_", w) for w in words)
     key = "_" + key[1:] if key.startswith(".") else key
+    if key != raw or any("__" in w for w in words):  # keep keys of different paths apart
+        key = f"{key}-{hashlib.sha1('/'.join(parts).encode()).hexdigest()[:8]}"
     return key or "shard"
 
 
@@ -89,15 +100,15 @@ def _is_data_file(relative: str) -> bool:
 def list_shards(dataset: str) -> list[ShardRef]:
     """Every ``.arrow`` / ``.parquet`` shard under ``dataset`` (a path or fsspec URL), sorted by path.
 
-    Keys are file stems; stems that collide across subfolders are prefixed with their folders.
-    A path to a single shard file gives that one shard.
+    Keys come from each file's path relative to ``dataset`` alone (``shard_key``). A path to a
+    single shard file gives that one shard.
     """
     fs, root = _filesystem(dataset)
     if fs.isfile(root):
         kind = _SUFFIXES.get(posixpath.splitext(root)[1])
         if kind is None:
             raise DatasetError(f"{ENV_DATASET}={dataset!r} is a file but not a .arrow or .parquet shard")
-        return [ShardRef(shard_key(root), _full_path(fs, root), kind)]
+        return [ShardRef(shard_key(posixpath.basename(root)), _full_path(fs, root), kind)]
     if not fs.isdir(root):
         raise DatasetError(f"{ENV_DATASET}={dataset!r}: no such folder; set {ENV_DATASET} to a dataset folder")
     files = sorted(fs.find(root))
@@ -109,21 +120,16 @@ def list_shards(dataset: str) -> list[ShardRef]:
             f"{ENV_DATASET}={dataset!r} holds no .arrow or .parquet shards (found: {seen}); "
             f"set {ENV_DATASET} to a save_to_disk folder or a folder of .arrow/.parquet shards"
         )
-    keys = [shard_key(rel) for rel, _ in data]
-    counts: dict[str, int] = {}
-    for key in keys:
-        counts[key] = counts.get(key, 0) + 1
-    keys = [shard_key(rel, with_folder=True) if counts[k] > 1 else k for k, (rel, _) in zip(keys, data)]
-    # Sanitising can still make two keys equal ("a b" and "a_b"): number the later ones.
-    seen_keys: set[str] = set()
-    refs = []
-    for key, (rel, path) in zip(keys, data):
-        unique, n = key, 1
-        while unique in seen_keys:
-            n += 1
-            unique = f"{key}__{n}"
-        seen_keys.add(unique)
-        refs.append(ShardRef(unique, _full_path(fs, path), _SUFFIXES[posixpath.splitext(rel)[1]]))
+    refs = [ShardRef(shard_key(rel), _full_path(fs, path), _SUFFIXES[posixpath.splitext(rel)[1]])
+            for rel, path in data]
+    seen: dict[str, str] = {}
+    for ref, (rel, _) in zip(refs, data):
+        if ref.key in seen:  # "a/b.arrow" and "a__b.arrow": refuse rather than mix two shards
+            raise DatasetError(
+                f"{ENV_DATASET}={dataset!r}: the shards {seen[ref.key]!r} and {rel!r} both have the "
+                f"partition key {ref.key!r}; rename one of them"
+            )
+        seen[ref.key] = rel
     return refs
 
 
@@ -238,8 +244,23 @@ class Shard:
             self.ids = [f"{key}/{row}" if v is None else v for row, v in enumerate(ids)]
 
     def page_ids(self) -> list[str]:
-        """Page id of every row: the id column where configured (null ids fall back), else ``<shard>/<row>``."""
-        return list(self.ids) if self.ids is not None else [f"{self.key}/{row}" for row in range(self.num_rows)]
+        """Page id of every row: the id column where configured (null ids fall back), else ``<shard>/<row>``.
+
+        Raises DatasetError naming OCR_ASSETS_ID_COLUMN and the first repeated value when two rows
+        share an id: every later stage finds a page by its id, so a shared one would mix pages.
+        """
+        if self.ids is None:
+            return [f"{self.key}/{row}" for row in range(self.num_rows)]
+        first_row: dict[str, int] = {}
+        for row, page_id in enumerate(self.ids):
+            if page_id in first_row:
+                raise DatasetError(
+                    f"{ENV_ID_COLUMN}={self.id_column!r}: the id {page_id!r} is in rows {first_row[page_id]} "
+                    f"and {row} of shard {self.key!r}; page ids must be unique. Set {ENV_ID_COLUMN} to a "
+                    f"column with one value per page, or unset it (ids are then <shard>/<row>)"
+                )
+            first_row[page_id] = row
+        return list(self.ids)
 
     def image_at(self, row: int) -> memoryview | None:
         """Encoded bytes of ``row`` as stored, a zero-copy slice of the Arrow buffer; None when null.
@@ -286,6 +307,34 @@ def _chunk_view(array: pa.Array) -> tuple[list[bool] | None, list[int], memoryvi
     return valid, offsets.tolist(), data
 
 
+def _find_ref(dataset: str, key: str) -> ShardRef:
+    refs = list_shards(dataset)
+    ref = next((r for r in refs if r.key == key), None)
+    if ref is None:
+        known = ", ".join(r.key for r in refs[:10]) + (", ..." if len(refs) > 10 else "")
+        raise DatasetError(f"no shard {key!r} in {ENV_DATASET}={dataset!r}; its shards: {known}")
+    return ref
+
+
+def source_row_count(dataset: str, key: str) -> int:
+    """Rows of shard ``key`` as its file declares them, read apart from ``open_shard``: what the
+    ``every_source_row`` checks compare the stage tables with."""
+    ref = _find_ref(dataset, key)
+    fs, _ = _filesystem(dataset)
+    path = ref.path if _is_local(fs) else fs._strip_protocol(ref.path)
+    if ref.kind == "parquet":
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    with fs.open(path, "rb") as f:
+        source = pa.PythonFile(f, mode="r")
+        magic = f.read(len(_ARROW_FILE_MAGIC))
+        f.seek(0)
+        if magic == _ARROW_FILE_MAGIC:
+            reader = pa.ipc.open_file(source)
+            return sum(reader.get_record_batch(i).num_rows for i in range(reader.num_record_batches))
+        return sum(batch.num_rows for batch in pa.ipc.open_stream(source))
+
+
 def open_shard(
     dataset: str, key: str, image_column: str | None = None, id_column: str | None = None
 ) -> Shard:
@@ -294,11 +343,7 @@ def open_shard(
     ``image_column`` / ``id_column`` come from ``OCR_ASSETS_IMAGE_COLUMN`` / ``OCR_ASSETS_ID_COLUMN``;
     without an image column the first ``datasets`` ``Image`` column (a struct with ``bytes``) is used.
     """
-    refs = list_shards(dataset)
-    ref = next((r for r in refs if r.key == key), None)
-    if ref is None:
-        known = ", ".join(r.key for r in refs[:10]) + (", ..." if len(refs) > 10 else "")
-        raise DatasetError(f"no shard {key!r} in {ENV_DATASET}={dataset!r}; its shards: {known}")
+    ref = _find_ref(dataset, key)
     fs, root = _filesystem(dataset)
     if fs.isfile(root):
         root = posixpath.dirname(root)

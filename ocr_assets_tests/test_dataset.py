@@ -64,7 +64,8 @@ def test_three_layouts_give_the_same_shards_rows_and_bytes(source):
     keys = {name: [r.key for r in list_shards(str(root / name))] for name in ("saved", "cache", "hub")}
     assert keys == {
         "saved": ["data-00000-of-00002", "data-00001-of-00002"],
-        "cache": ["parquet-train-00000-of-00002", "parquet-train-00001-of-00002"],
+        "cache": ["parquet__default-0__0.0.0__abc__parquet-train-00000-of-00002",
+                  "parquet__default-0__0.0.0__abc__parquet-train-00001-of-00002"],
         "hub": ["train-00000-of-00002", "train-00001-of-00002"],
     }
     kinds = {r.kind for r in list_shards(str(root / "hub"))} | {r.kind for r in list_shards(str(root / "saved"))}
@@ -103,7 +104,7 @@ def test_real_datasets_cache_folder(tmp_path, source, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     datasets.load_dataset("parquet", data_dir=str(root / "hub"), cache_dir=str(tmp_path / "cache"))
     refs = list_shards(str(tmp_path / "cache"))
-    assert [r.key for r in refs] == ["parquet-train"] and refs[0].kind == "arrow"
+    assert len(refs) == 1 and refs[0].key.endswith("__parquet-train") and refs[0].kind == "arrow"
     assert _read_all(str(tmp_path / "cache")) == [images]
 
 
@@ -122,19 +123,57 @@ def test_fsspec_memory_url(source):
     assert shard.ids == [f"page-{i}" for i in range(ROWS // 2, ROWS)]
 
 
-def test_colliding_stems_get_their_folder_and_keys_are_sanitised(tmp_path):
+def test_keys_come_from_the_relative_path_and_are_sanitised(tmp_path):
     table = pa.table({"image": pa.array([{"bytes": _png(0), "path": None}])})
     for folder in ("a", "b", ".hidden"):
         (tmp_path / folder).mkdir()
         pq.write_table(table, tmp_path / folder / "train-0.parquet")
     pq.write_table(table, tmp_path / "b" / "odd name,v1.parquet")
-    # Hidden folders are skipped, so only a/ and b/ collide.
-    assert [r.key for r in list_shards(str(tmp_path))] == ["a__train-0", "odd_name_v1", "b__train-0"]
-    assert shard_key("x/.we ird,name.parquet") == "_we_ird_name"
-    assert shard_key("x/y/data-0.arrow", with_folder=True) == "x__y__data-0"
-    assert shard_key("../../etc/passwd") == "passwd"
+    # Hidden folders are skipped; a sanitised name carries a hash of its path.
+    assert [r.key for r in list_shards(str(tmp_path))] == ["a__train-0", "b__odd_name_v1-411cc379", "b__train-0"]
+    assert shard_key("x/.we ird,name.parquet").startswith("x__.we_ird_name-")
+    assert shard_key("x/y/data-0.arrow") == "x__y__data-0"
+    assert shard_key("data/train-00000-of-00002.parquet") == "train-00000-of-00002"  # the hub's layout
+    assert shard_key("../../etc/passwd") == "etc__passwd"
+    assert shard_key("a__b.arrow") != shard_key("a/b.arrow")
     for key in (r.key for r in list_shards(str(tmp_path))):
         assert "," not in key and "/" not in key and not key.startswith(".")
+
+
+def test_keys_never_change_when_files_appear(tmp_path):
+    """A shard's key depends on its own path only: a new file elsewhere renames nothing."""
+    table = pa.table({"image": pa.array([{"bytes": _png(0), "path": None}])})
+    (tmp_path / "2024").mkdir()
+    pq.write_table(table, tmp_path / "2024" / "train-0.parquet")
+    pq.write_table(table, tmp_path / "other.parquet")
+    before = {r.path: r.key for r in list_shards(str(tmp_path))}
+    (tmp_path / "2025").mkdir()
+    pq.write_table(table, tmp_path / "2025" / "train-0.parquet")  # the same stem, another folder
+    after = {r.path: r.key for r in list_shards(str(tmp_path))}
+    assert {path: after[path] for path in before} == before
+    assert len(set(after.values())) == 3
+
+
+def test_source_row_count_reads_the_file_not_the_table(source, tmp_path):
+    from ocr_assets.dataset import source_row_count
+
+    root, _ = source
+    for name in ("saved", "hub", "cache"):
+        for ref in list_shards(str(root / name)):
+            assert source_row_count(str(root / name), ref.key) == ROWS // 2
+    table = pa.ipc.open_stream(pa.memory_map(str(root / "saved" / "data-00001-of-00002.arrow"))).read_all()
+    with pa.ipc.new_file(str(tmp_path / "pages.arrow"), table.schema) as writer:
+        writer.write_table(table, max_chunksize=2)
+    assert source_row_count(str(tmp_path), "pages") == ROWS // 2
+
+
+def test_repeated_ids_are_refused_naming_the_setting(tmp_path):
+    table = pa.table({"doc": ["a", "b", "a"], "image": pa.array([{"bytes": _png(i), "path": None} for i in range(3)])})
+    pq.write_table(table, tmp_path / "train-0.parquet")
+    shard = open_shard(str(tmp_path), "train-0", id_column="doc")
+    with pytest.raises(DatasetError, match=r"OCR_ASSETS_ID_COLUMN='doc'.*'a' is in rows 0 and 2"):
+        shard.page_ids()
+    assert open_shard(str(tmp_path), "train-0").page_ids() == [f"train-0/{r}" for r in range(3)]
 
 
 def test_explicit_plain_binary_image_column_and_integer_ids(tmp_path):
