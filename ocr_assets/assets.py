@@ -19,6 +19,7 @@ from ocr_assets.stages.layout import run_layout
 from ocr_assets.stages.pages import extract_pages
 from ocr_assets.stages.recognition import run_recognition
 from ocr_assets.timing import StageReport
+from ocr_assets.versions import code_version
 
 progress = logging.getLogger("ocr_assets.progress")
 # backfill_policy is marked beta in this Dagster; it is chosen on purpose (see COMMON below)
@@ -81,7 +82,7 @@ def _check(name: str, asset: str, description: str, blocking: bool = False) -> d
     return dg.AssetCheckSpec(name, asset=asset, description=description, blocking=blocking)
 
 
-@dg.asset(**COMMON, kinds={"parquet", "python"}, code_version="1", check_specs=[
+@dg.asset(**COMMON, kinds={"parquet", "python"}, code_version=code_version("pages"), check_specs=[
     _check("every_source_row", "pages", "One row per source row of the shard (blocks the GPU stages).", True),
 ])
 def pages(
@@ -100,12 +101,16 @@ def pages(
     recognizer.preflight()
     shard = dataset.open(context.partition_key)
     table, report = extract_pages(shard)
+    source_rows = dataset.source_rows(context.partition_key)
     return publish(context, storage, table, report,
-                   checks={"every_source_row": checks.every_source_row(table, shard.num_rows)})
+                   checks={"every_source_row": checks.every_source_row(table, source_rows)})
 
 
-@dg.asset(**COMMON, kinds={"parquet", "pytorch", "onnx"}, code_version="1", deps=[pages], pool="gpu",
-          op_tags=GPU_LIMIT)
+@dg.asset(**COMMON, kinds={"parquet", "pytorch", "onnx"}, code_version=code_version("layout"), deps=[pages],
+          pool="gpu", op_tags=GPU_LIMIT, check_specs=[
+    _check("page_error_rate", "layout", "Pages without a layout (failed in pages or layout), under "
+           "OCR_ASSETS_MAX_PAGE_ERROR_RATE (blocks crops, recognition and documents).", True),
+])
 def layout(
     context: dg.AssetExecutionContext,
     dataset: DatasetResource,
@@ -126,6 +131,7 @@ def layout(
         report=StageReport(label=f"layout {context.partition_key}"),
     )
     return publish(context, storage, table, report, model_load_seconds=load_seconds,
+                   checks={"page_error_rate": checks.layout_page_error_rate(pages_table, table)},
                    extra=_layout_preview(context, store, shard, pages_table, table))
 
 
@@ -148,7 +154,7 @@ def _layout_preview(context, store, shard, pages_table: pa.Table, layout_table: 
             "preview_uri": dg.MetadataValue.path(uri)}
 
 
-@dg.asset(**COMMON, kinds={"parquet", "opencv"}, code_version="1", deps=[layout])
+@dg.asset(**COMMON, kinds={"parquet", "opencv"}, code_version=code_version("crops"), deps=[layout])
 def crops(
     context: dg.AssetExecutionContext,
     dataset: DatasetResource,
@@ -164,7 +170,8 @@ def crops(
     return publish(context, storage, table, report)
 
 
-@dg.asset(**COMMON, kinds={"parquet", "onnx"}, code_version="1", deps=[crops], pool="vlm", check_specs=[
+@dg.asset(**COMMON, kinds={"parquet", "onnx"}, code_version=code_version("recognition"), deps=[crops], pool="vlm",
+          check_specs=[
     _check("error_rate", "recognition", "Regions whose recognition failed, under OCR_ASSETS_MAX_ERROR_RATE."),
     _check("empty_text_rate", "recognition", "Non-empty crops read as no text, under OCR_ASSETS_MAX_EMPTY_RATE."),
 ])
@@ -193,9 +200,12 @@ def recognition(context: dg.AssetExecutionContext, storage: StorageResource, rec
     )
 
 
-@dg.asset(**COMMON, kinds={"parquet", "markdown"}, code_version="1", deps=[pages, layout, recognition],
-          check_specs=[_check("every_source_row", "documents", "One document per source row of the shard.")])
-def documents(context: dg.AssetExecutionContext, storage: StorageResource):
+@dg.asset(**COMMON, kinds={"parquet", "markdown"}, code_version=code_version("documents"),
+          deps=[pages, layout, recognition], check_specs=[
+    _check("every_source_row", "documents", "One document per source row of the shard."),
+    _check("page_error_rate", "documents", "Documents whose status is error, under OCR_ASSETS_MAX_PAGE_ERROR_RATE."),
+])
+def documents(context: dg.AssetExecutionContext, dataset: DatasetResource, storage: StorageResource):
     """One row per source row: the page's Markdown in reading order, its regions as JSON, and a status."""
     store = storage.store()
     key = context.partition_key
@@ -204,7 +214,8 @@ def documents(context: dg.AssetExecutionContext, storage: StorageResource):
     first = next((m for m in table.column("markdown").to_pylist() if m and m.strip()), None)
     return publish(
         context, storage, table, report,
-        checks={"every_source_row": checks.every_source_row(table, pages_table.num_rows)},
+        checks={"every_source_row": checks.every_source_row(table, dataset.source_rows(key)),
+                "page_error_rate": checks.documents_page_error_rate(table)},
         extra={"preview": dg.MetadataValue.md(markdown_excerpt(first))} if first else None,
     )
 

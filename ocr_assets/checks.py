@@ -10,9 +10,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ocr_assets import config
+from ocr_assets.schemas import PAGE_ERROR_REGION
 
 DEFAULT_MAX_ERROR_RATE = 0.05  # regions that failed recognition
 DEFAULT_MAX_EMPTY_RATE = 0.10  # non-empty crops read as no text
+DEFAULT_MAX_PAGE_ERROR_RATE = 0.01  # pages failed, as olmOCR's page error rate gate
 
 
 def _rate(name: str, default: float) -> float:
@@ -20,13 +22,40 @@ def _rate(name: str, default: float) -> float:
 
 
 def every_source_row(table: pa.Table, source_rows: int) -> tuple[bool, dict]:
-    """One row per source row of the shard, each row number exactly once."""
+    """One row per source row of the shard, each row number exactly once.
+
+    ``source_rows`` is the shard's row count as its file declares it (``dataset.source_row_count``),
+    read apart from the table, so a stage that loses or repeats rows fails the check.
+    """
     rows = table.column("row")
     distinct = pc.count_distinct(rows).as_py() if table.num_rows else 0
     missing = source_rows - distinct
-    return table.num_rows == source_rows == distinct, {
+    in_range = table.num_rows == 0 or (pc.min(rows).as_py() >= 0 and pc.max(rows).as_py() < source_rows)
+    return table.num_rows == source_rows == distinct and in_range, {
         "source_rows": source_rows, "rows": table.num_rows, "missing_rows": missing,
     }
+
+
+def _page_error_rate(failed: int, pages: int) -> tuple[bool, dict]:
+    limit = _rate(config.ENV_MAX_PAGE_ERROR_RATE, DEFAULT_MAX_PAGE_ERROR_RATE)
+    rate = failed / pages if pages else 0.0
+    return rate <= limit, {"page_error_rate": round(rate, 4), "failed_pages": failed, "pages": pages,
+                           "max_page_error_rate": limit}
+
+
+def layout_page_error_rate(pages: pa.Table, layout: pa.Table) -> tuple[bool, dict]:
+    """Share of the shard's pages with no layout (failed in `pages`, or a page error at `layout`)."""
+    failed = set(pages.filter(pc.equal(pages.column("status"), "error")).column("page_id").to_pylist())
+    page_errors = layout.filter(pc.and_(pc.equal(layout.column("region"), PAGE_ERROR_REGION),
+                                        pc.equal(layout.column("status"), "error")))
+    failed.update(page_errors.column("page_id").to_pylist())
+    return _page_error_rate(len(failed), pages.num_rows)
+
+
+def documents_page_error_rate(documents: pa.Table) -> tuple[bool, dict]:
+    """Share of the shard's documents whose status is ``error``."""
+    failed = pc.sum(pc.equal(documents.column("status"), "error")).as_py() or 0
+    return _page_error_rate(failed, documents.num_rows)
 
 
 def error_rate(recognition: pa.Table) -> tuple[bool, dict]:

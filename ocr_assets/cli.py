@@ -125,7 +125,8 @@ def run_pipeline(partitions: list[str], select: list[str]) -> int:
             )
             for event in result.get_asset_materialization_events():
                 _add_to_summary(summary, event.asset_key.to_user_string(), event.materialization.metadata)
-            if not result.success:
+            blocked = _report_failed_checks(result)
+            if blocked or not result.success:
                 failed.append(key)
                 for failure in result.get_step_failure_events():
                     error = failure.step_failure_data.error
@@ -139,6 +140,20 @@ def run_pipeline(partitions: list[str], select: list[str]) -> int:
         print(f"{len(failed)} partition(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _report_failed_checks(result) -> bool:
+    """Print every failed asset check of a run; whether one of them was blocking (the run is then red)."""
+    blocked = False
+    for evaluation in result.get_asset_check_evaluations():
+        if evaluation.passed:
+            continue
+        blocked = blocked or evaluation.blocking
+        shown = ", ".join(f"{k}={v.value}" for k, v in evaluation.metadata.items())
+        kind = "blocking check" if evaluation.blocking else "check"
+        print(f"  FAILED {kind} {evaluation.asset_key.to_user_string()}/{evaluation.check_name}: {shown}",
+              file=sys.stderr)
+    return blocked
 
 
 def _run_tags() -> dict[str, str]:

@@ -23,7 +23,7 @@ from ocr_assets.backends.layout import (
     LAYOUT_BACKENDS, LayoutBackend, create_layout_backend, resolve_layout_backend,
 )
 from ocr_assets.backends.recognition import RECOGNIZERS, Recognizer, create_recognizer, resolve_recognizer
-from ocr_assets.dataset import Shard, ShardRef, list_shards, open_shard
+from ocr_assets.dataset import Shard, ShardRef, list_shards, open_shard, source_row_count
 from ocr_assets.storage import ParquetStore
 
 _models: dict[tuple, Any] = {}
@@ -61,6 +61,10 @@ class DatasetResource(dg.ConfigurableResource):
 
     def open(self, key: str) -> Shard:
         return open_shard(self.location(), key, image_column=self.image_column, id_column=self.id_column)
+
+    def source_rows(self, key: str) -> int:
+        """Rows of shard ``key`` as its file declares them, read apart from ``open``."""
+        return source_row_count(self.location(), key)
 
 
 def ensure_sample(folder: str) -> Path:

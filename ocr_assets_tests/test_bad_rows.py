@@ -21,7 +21,7 @@ def _png(index: int) -> bytes:
     return buf.getvalue()
 
 
-def test_bad_rows_reach_documents_with_reasons(tmp_path):
+def test_bad_rows_reach_documents_with_reasons(tmp_path, monkeypatch):
     good = _png(0)
     rows = [
         good,
@@ -49,6 +49,11 @@ def test_bad_rows_reach_documents_with_reasons(tmp_path):
     }
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
         instance.add_dynamic_partitions(SHARDS, ["data-00000-of-00001"])
+        result = dg.materialize(ASSETS, partition_key="data-00000-of-00001", instance=instance, resources=resources,
+                                raise_on_error=False)
+        # five of six pages failed: layout is red and nothing below it runs
+        assert not result.success and not (storage / "crops").exists()
+        monkeypatch.setenv("OCR_ASSETS_MAX_PAGE_ERROR_RATE", "1")  # let them through, to read the reasons
         result = dg.materialize(ASSETS, partition_key="data-00000-of-00001", instance=instance, resources=resources)
         assert result.success
 

@@ -71,6 +71,26 @@ def test_failed_partition_exits_non_zero_with_the_reason(small_dataset, tmp_path
     assert "OCR_ASSETS_LAYOUT_BACKEND" in done.stderr
 
 
+def test_a_failed_blocking_check_exits_non_zero(tmp_path):
+    """One page of two is not an image: layout's page error rate is red, and so is the command."""
+    import io
+
+    import pyarrow as pa
+
+    from ocr_assets.sample import render_page
+
+    buf = io.BytesIO()
+    render_page(1)[0].save(buf, format="PNG")
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [{"bytes": buf.getvalue(), "path": None}, {"bytes": b"not an image", "path": None}]
+    (tmp_path / "ds").mkdir()
+    pq.write_table(pa.table({"image": pa.array(rows, type=image_type)}), tmp_path / "ds" / "train-0.parquet")
+    done = _run(["run"], tmp_path, OCR_ASSETS_DATASET=str(tmp_path / "ds"), DAGSTER_HOME=str(tmp_path / "home"))
+    assert done.returncode == 1, done.stdout
+    assert "blocking check layout/page_error_rate" in done.stderr and "page_error_rate=0.5" in done.stderr
+    assert not (tmp_path / "ocr_data" / "documents").exists()
+
+
 def test_sample_command_writes_shards(tmp_path):
     done = _run(["sample", str(tmp_path / "s"), "--pages", "2", "--shards", "2"], tmp_path)
     assert done.returncode == 0, done.stderr

@@ -18,6 +18,7 @@ from ocr_assets.partitions import SHARDS
 from ocr_assets.resources import DatasetResource, LayoutResource, RecognizerResource, StorageResource
 from ocr_assets.schedules import catch_up_schedule, stale_partitions
 from ocr_assets.sensors import shard_sensor
+from ocr_assets.versions import code_version
 
 ROOT = Path(__file__).resolve().parents[1]
 TICK = datetime(2026, 11, 25, 2, 0, tzinfo=timezone.utc)
@@ -48,8 +49,9 @@ def instance_with_runs(small_dataset, tmp_path_factory):
 def test_checks_pass_and_are_recorded(instance_with_runs):
     _, _, _, full, _ = instance_with_runs
     evaluations = {(e.asset_key.to_user_string(), e.check_name): e for e in full.get_asset_check_evaluations()}
-    assert set(evaluations) == {("pages", "every_source_row"), ("recognition", "error_rate"),
-                                ("recognition", "empty_text_rate"), ("documents", "every_source_row")}
+    assert set(evaluations) == {("pages", "every_source_row"), ("layout", "page_error_rate"),
+                                ("recognition", "error_rate"), ("recognition", "empty_text_rate"),
+                                ("documents", "every_source_row"), ("documents", "page_error_rate")}
     assert all(e.passed for e in evaluations.values())
     assert evaluations[("pages", "every_source_row")].metadata["missing_rows"].value == 0
 
@@ -58,6 +60,18 @@ def test_check_functions_fail_where_they_should(monkeypatch):
     rows = pa.table({"row": [0, 1, 1]})
     assert checks.every_source_row(rows, 3)[0] is False  # row 2 missing, row 1 twice
     assert checks.every_source_row(pa.table({"row": [0, 1, 2]}), 3)[0] is True
+    assert checks.every_source_row(pa.table({"row": [0, 1, 2]}), 4)[0] is False  # the file has 4 rows
+    assert checks.every_source_row(pa.table({"row": [0, 1, 5]}), 3)[0] is False  # a row that is not there
+    pages = pa.table({"page_id": ["a", "b", "c", "d"], "status": ["ok", "error", "ok", "ok"]})
+    layout = pa.table({"page_id": ["a", "c", "d"], "region": [0, -1, 0], "status": ["ok", "error", "ok"]})
+    passed, meta = checks.layout_page_error_rate(pages, layout)  # b failed in pages, c at layout
+    assert not passed and meta["failed_pages"] == 2 and meta["page_error_rate"] == 0.5
+    assert checks.layout_page_error_rate(pages.slice(0, 1), layout.slice(0, 1))[0]
+    docs = pa.table({"status": ["ok"] * 99 + ["error"]})
+    assert checks.documents_page_error_rate(docs)[0]  # 1 in 100: at the default 0.01
+    assert not checks.documents_page_error_rate(pa.table({"status": ["ok"] * 98 + ["error", "partial"] + ["error"]}))[0]
+    monkeypatch.setenv(config.ENV_MAX_PAGE_ERROR_RATE, "0.5")
+    assert checks.layout_page_error_rate(pages, layout)[0]
     rec = pa.table({"region": [0, 1, 2, -1], "status": ["ok", "error", "ok", "error"]})
     passed, meta = checks.error_rate(rec)  # the failed page's -1 row is not a region
     assert not passed and meta["error_rate"] == pytest.approx(1 / 3, abs=1e-4)
@@ -69,19 +83,65 @@ def test_check_functions_fail_where_they_should(monkeypatch):
         checks.empty_text_rate(10, 1)
 
 
-def test_a_failed_blocking_check_stops_the_gpu_stages(small_dataset, tmp_path, monkeypatch):
+def _materialize(dataset: str, tmp_path, **patches):
+    """Every asset of the first shard in a fresh instance, nothing raised; the result."""
+    (tmp_path / "home").mkdir(exist_ok=True)
+    with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
+        key = DatasetResource(path=dataset).shards()[0].key
+        instance.add_dynamic_partitions(SHARDS, [key])
+        return dg.materialize(ASSETS, partition_key=key, instance=instance, raise_on_error=False,
+                              resources=_resources(dataset, str(tmp_path / "out")))
+
+
+def _checks(result) -> dict:
+    return {f"{e.asset_key.to_user_string()}/{e.check_name}": e.passed for e in result.get_asset_check_evaluations()}
+
+
+def test_a_stage_that_loses_a_row_fails_every_source_row_and_stops_the_gpu_stages(small_dataset, tmp_path,
+                                                                                 monkeypatch):
     from ocr_assets import assets as assets_module
 
-    monkeypatch.setattr(assets_module.checks, "every_source_row", lambda table, rows: (False, {"forced": True}))
-    (tmp_path / "home").mkdir()
-    with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
-        key = DatasetResource(path=small_dataset).shards()[0].key
-        instance.add_dynamic_partitions(SHARDS, [key])
-        result = dg.materialize(ASSETS, partition_key=key, instance=instance, raise_on_error=False,
-                                resources=_resources(small_dataset, str(tmp_path / "out")))
-    assert not result.success
+    real = assets_module.extract_pages
+    monkeypatch.setattr(assets_module, "extract_pages", lambda shard: (lambda t, r: (t.slice(0, t.num_rows - 1), r))(
+        *real(shard)))
+    result = _materialize(small_dataset, tmp_path)
+    assert not result.success and _checks(result) == {"pages/every_source_row": False}
     done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert done == {"pages"} and not (tmp_path / "out" / "layout").exists()
+
+
+def test_documents_that_lose_a_row_fail_every_source_row(small_dataset, tmp_path, monkeypatch):
+    from ocr_assets import assets as assets_module
+
+    real = assets_module.assemble_documents
+    monkeypatch.setattr(assets_module, "assemble_documents",
+                        lambda *a, **k: (lambda t, r: (t.slice(1), r))(*real(*a, **k)))
+    result = _materialize(small_dataset, tmp_path)
+    assert _checks(result)["documents/every_source_row"] is False
+    assert _checks(result)["pages/every_source_row"] is True
+
+
+def test_failed_pages_make_layout_red_and_block_the_rest(tmp_path, monkeypatch):
+    """Half the pages are not images: the layout check fails and crops, recognition, documents do not run."""
+    from ocr_assets.sample import render_page
+    import io
+
+    buf = io.BytesIO()
+    render_page(0)[0].save(buf, format="PNG")
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [{"bytes": buf.getvalue(), "path": None}, {"bytes": b"%PDF-1.7 not an image", "path": None}]
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": pa.array(rows, type=image_type)}), folder / "train-0.parquet")
+    result = _materialize(str(folder), tmp_path)
+    assert not result.success and _checks(result) == {"pages/every_source_row": True, "layout/page_error_rate": False}
+    assert {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()} == {"pages", "layout"}
+    monkeypatch.setenv(config.ENV_MAX_PAGE_ERROR_RATE, "0.5")
+    shutil.rmtree(tmp_path / "home")
+    result = _materialize(str(folder), tmp_path)
+    assert result.success and _checks(result)["layout/page_error_rate"] and _checks(result)["documents/page_error_rate"]
 
 
 def test_previews_in_the_metadata(instance_with_runs):
@@ -101,7 +161,7 @@ def test_assets_carry_what_the_ui_shows():
     for asset in ASSETS:
         spec = next(iter(asset.specs))
         assert spec.description and spec.group_name == "ocr" and spec.owners == ["team:ocr"]
-        assert spec.code_version == "1" and "parquet" in spec.kinds
+        assert spec.code_version == code_version(asset.key.to_user_string()) and "parquet" in spec.kinds
         assert asset.backfill_policy == dg.BackfillPolicy.multi_run(1)
     layout = graph.get(dg.AssetKey("layout"))
     assert layout.pools == {"gpu"} and graph.get(dg.AssetKey("recognition")).pools == {"vlm"}
@@ -111,21 +171,62 @@ def test_assets_carry_what_the_ui_shows():
 
 def test_schedule_runs_only_missing_or_stale_partitions(instance_with_runs):
     instance, keys, storage, _, dataset = instance_with_runs
-    assert stale_partitions(instance, keys) == {keys[1]: "layout never materialized"}
+    stale = stale_partitions(instance, keys)
+    assert {k: s.reason for k, s in stale.items()} == {keys[1]: "layout never materialized"}
+    assert [a.to_user_string() for a in stale[keys[1]].assets] == ["layout", "crops", "recognition", "documents"]
     context = dg.build_schedule_context(instance=instance, scheduled_execution_time=TICK)
     requests = catch_up_schedule(context)
     assert [r.partition_key for r in requests] == [keys[1]]
+    assert [a.to_user_string() for a in requests[0].asset_selection] == ["layout", "crops", "recognition", "documents"]
     # re-materialize pages of the complete shard: everything after it is now out of date
     assert dg.materialize(ASSETS[:1], partition_key=keys[0], instance=instance,
                           resources=_resources(dataset, storage)).success
-    assert stale_partitions(instance, keys)[keys[0]] == "layout is older than its input"
-    # an asset whose code changed is out of date too
+    assert stale_partitions(instance, keys)[keys[0]].reason == "layout is older than its input"
+    # an asset whose code changed is out of date too, and only it and what is below it run again
     from types import SimpleNamespace
 
     changed = [SimpleNamespace(key=a.key, asset_deps=a.asset_deps,
-                               code_versions_by_key={a.key: "2" if a.key.to_user_string() == "pages" else "1"})
+                               code_versions_by_key={a.key: "9" if a.key.to_user_string() == "documents"
+                                                     else code_version(a.key.to_user_string())})
                for a in ASSETS]
-    assert "code version 1, now 2" in stale_partitions(instance, keys, assets=changed)[keys[1]]
+    assert dg.materialize(ASSETS[1:], partition_key=keys[0], instance=instance,
+                          resources=_resources(dataset, storage)).success
+    redo = stale_partitions(instance, keys, assets=changed)[keys[0]]
+    assert "code version 2-" in redo.reason and redo.reason.endswith("now 9")
+    assert [a.to_user_string() for a in redo.assets] == ["documents"]  # not back to the GPU
+
+
+def test_schedule_leaves_alone_shards_busy_in_any_job_or_backfill(instance_with_runs):
+    from dagster._core.execution.backfill import PartitionBackfill
+    from dagster._core.storage.dagster_run import DagsterRun
+
+    instance, keys, _, _, _ = instance_with_runs
+    context = dg.build_schedule_context(instance=instance, scheduled_execution_time=TICK)
+    assert keys[1] in {r.partition_key for r in catch_up_schedule(context)}
+    # a UI materialization or an asset backfill runs as __ASSET_JOB, not the pipeline job
+    run = instance.add_run(DagsterRun(job_name="__ASSET_JOB", status=dg.DagsterRunStatus.STARTED,
+                                      tags={"dagster/partition": keys[1]}))
+    assert isinstance(catch_up_schedule(context), dg.SkipReason)
+    instance.delete_run(run.run_id)
+    backfill = PartitionBackfill.from_asset_partitions(
+        backfill_id="bf1", asset_graph=defs.resolve_asset_graph(), partition_names=[keys[1]],
+        asset_selection=[a.key for a in ASSETS], backfill_timestamp=0.0, tags={}, dynamic_partitions_store=instance,
+        all_partitions=False, title=None, description=None, run_config=None)
+    instance.add_backfill(backfill)  # requested, no run launched yet
+    assert isinstance(catch_up_schedule(context), dg.SkipReason)
+
+
+def test_code_versions_follow_the_settings_that_change_an_output(monkeypatch):
+    before = {name: code_version(name) for name in ("pages", "layout", "crops", "recognition", "documents")}
+    monkeypatch.setenv(config.ENV_LAYOUT_DTYPE, "float32")
+    assert code_version("layout") != before["layout"] and code_version("pages") == before["pages"]
+    monkeypatch.setenv(config.ENV_VLM_BASE_URL, "http://127.0.0.1:9/v1")  # the openai recognizer
+    assert code_version("crops") != before["crops"] and code_version("recognition") != before["recognition"]
+    vlm = code_version("recognition")
+    monkeypatch.setenv(config.ENV_VLM_MODEL, "other-ocr")
+    assert code_version("recognition") != vlm and code_version("documents") == before["documents"]
+    monkeypatch.setenv(config.ENV_ID_COLUMN, "doc")
+    assert code_version("pages") != before["pages"]
 
 
 def test_schedule_skips_when_everything_is_up_to_date(small_dataset, tmp_path):
