@@ -26,6 +26,7 @@ progress = logging.getLogger("ocr_assets.progress")
 warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=dg.BetaWarning)
 
 GROUP = "ocr"
+FAILED_BLOCKING_CHECKS = "failed_blocking_checks"
 OWNERS = ["team:ocr"]
 
 
@@ -66,6 +67,10 @@ def publish(
         dg.AssetCheckResult(check_name=name, passed=bool(passed), metadata=meta)
         for name, (passed, meta) in (checks or {}).items()
     ]
+    if checks:  # the catch-up schedule reruns a partition whose blocking check failed
+        blocking = {spec.name for spec in context.assets_def.check_specs if spec.blocking}
+        metadata[FAILED_BLOCKING_CHECKS] = sum(1 for name, (passed, _) in checks.items()
+                                               if name in blocking and not passed)
     return dg.MaterializeResult(metadata=metadata, check_results=check_results)
 
 

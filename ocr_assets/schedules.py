@@ -2,7 +2,7 @@
 
 A partition is out of date when a stage was never materialized, was materialized by another
 code version of its asset (``versions.py``: the code and every setting that changes its output),
-or is older than the stage it reads from. Only that stage and the ones below it run again: a
+failed a blocking check, or is older than the stage it reads from. Only that stage and the ones below it run again: a
 shard missing only `documents` does not go back to the GPU. Partitions already up to date, or
 with a run of any job queued or in progress (asset backfills and UI materializations too), or
 targeted by a backfill that is still going, are left alone.
@@ -16,7 +16,7 @@ import dagster as dg
 from dagster._core.execution.backfill import BulkActionStatus
 
 from ocr_assets import config
-from ocr_assets.assets import ASSETS
+from ocr_assets.assets import ASSETS, FAILED_BLOCKING_CHECKS
 from ocr_assets.partitions import SHARDS
 from ocr_assets.sensors import ocr_job
 
@@ -25,9 +25,9 @@ PAGE_SIZE = 1000
 CODE_VERSION_TAG = "dagster/code_version"
 
 
-def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, partitions: list[str]) -> dict[str, tuple[float, str | None]]:
-    """partition → (timestamp, code version) of the latest materialization of ``key``."""
-    latest: dict[str, tuple[float, str | None]] = {}
+def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, partitions: list[str]) -> dict[str, tuple]:
+    """partition → (timestamp, code version, failed blocking checks) of the latest materialization of ``key``."""
+    latest: dict[str, tuple] = {}
     cursor = None
     while True:
         result = instance.fetch_materializations(
@@ -36,7 +36,9 @@ def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, partitions: list[str
         for record in result.records:  # newest first: the first seen per partition is the latest
             event = record.asset_materialization
             if event is not None and event.partition is not None and event.partition not in latest:
-                latest[event.partition] = (record.timestamp, (event.tags or {}).get(CODE_VERSION_TAG))
+                failed = event.metadata.get(FAILED_BLOCKING_CHECKS)
+                latest[event.partition] = (record.timestamp, (event.tags or {}).get(CODE_VERSION_TAG),
+                                           int(failed.value) if failed is not None else 0)
         if not result.has_more:
             return latest
         cursor = result.cursor
@@ -76,7 +78,9 @@ def stale_partitions(instance: dg.DagsterInstance, partitions: list[str], assets
                 parents = [p for p in asset.asset_deps.get(key, set()) if p in latest]
                 if version is not None and record[1] is not None and record[1] != version:
                     reason = f"{name} made by code version {record[1]}, now {version}"
-                elif any(latest[p].get(partition, (0.0, None))[0] > record[0] for p in parents):
+                elif record[2]:
+                    reason = f"{name} failed a blocking check"
+                elif any(latest[p].get(partition, (0.0,))[0] > record[0] for p in parents):
                     reason = f"{name} is older than its input"
             if reason is not None:
                 stale[partition] = Stale(reason, _downstream(key, specs))

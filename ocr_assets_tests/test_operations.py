@@ -138,6 +138,9 @@ def test_failed_pages_make_layout_red_and_block_the_rest(tmp_path, monkeypatch):
     result = _materialize(str(folder), tmp_path)
     assert not result.success and _checks(result) == {"pages/every_source_row": True, "layout/page_error_rate": False}
     assert {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()} == {"pages", "layout"}
+    with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:  # the same instance
+        stale = stale_partitions(instance, ["train-0"])["train-0"]
+    assert stale.reason == "layout failed a blocking check" and stale.assets[0] == dg.AssetKey("layout")
     monkeypatch.setenv(config.ENV_MAX_PAGE_ERROR_RATE, "0.5")
     shutil.rmtree(tmp_path / "home")
     result = _materialize(str(folder), tmp_path)
