@@ -4,7 +4,10 @@ The key covers everything that decides an answer (crop bytes, model, prompt, sam
 re-run after a crash, or a backfill over the same data, reads each region once. Results are
 written as small segment files while the stage runs (every ``flush_every`` results or
 ``flush_seconds``), each one atomically: a crash loses at most the last unwritten segment.
-Failures that another attempt could fix (a server error, a timeout) are never cached.
+Only final answers are cached (``Recognized.cacheable``: a text, or a deterministic verdict such
+as an answer cut at max_tokens); a refused request (any 4xx), a timeout, a dropped connection
+or a crashed batch never is. When a step completes, ``compact`` rewrites the partition's
+segments as one file; ``prune`` keeps only the entries the current settings can still reach.
 """
 
 from __future__ import annotations
@@ -53,6 +56,15 @@ class RecognitionCache:
         if due:
             self.flush()
 
+    def compact(self) -> tuple[int, int]:
+        """Rewrite the partition's segments as one file (new file first, then the old ones go).
+
+        Returns (entries kept, duplicate entries dropped). Reads the files again rather than
+        trusting memory, so a segment another process added meanwhile is never lost.
+        """
+        self.flush()
+        return _rewrite(self.store, self.partition, keep=None)
+
     def flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
@@ -64,3 +76,30 @@ class RecognitionCache:
              "status": [r.status for _, r in pending], "error": [r.error for _, r in pending]},
             schema=CACHE_SCHEMA,
         ))
+
+
+def _rewrite(store: ParquetStore, partition: str, keep: set[str] | None) -> tuple[int, int]:
+    """Rewrite a partition's cache as one segment with the last entry of each key (of ``keep``'s
+    keys only, when given); returns (kept, dropped). Nothing to gain: nothing is written."""
+    old = store.segment_files(CACHE_KIND, partition)
+    table = store.read_segment_files(old)
+    if table is None:
+        return 0, 0
+    keys = table.column("key").to_pylist()
+    last = {key: row for row, key in enumerate(keys) if keep is None or key in keep}
+    kept, dropped = len(last), len(keys) - len(last)
+    if len(old) == 1 and not dropped:  # already one file with nothing to drop
+        return kept, 0
+    rows = sorted(last.values())
+    store.replace_segments(CACHE_KIND, partition, table.take(rows).cast(CACHE_SCHEMA) if rows else None, old)
+    return kept, dropped
+
+
+def prune(store: ParquetStore, partition: str, keep: set[str]) -> tuple[int, int]:
+    """Rewrite a partition's cache with only the entries whose key is in ``keep`` (e.g.
+    ``stages.recognition.reachable_keys(crops, recognizer)``); returns (kept, dropped).
+
+    Duplicates of a key count as dropped. Safe to stop at any point: the new file is written
+    before the old ones are deleted.
+    """
+    return _rewrite(store, partition, keep)

@@ -77,6 +77,35 @@ class ParquetStore:
                 tables.append(pq.read_table(handle))
         return pa.concat_tables(tables) if tables else None
 
+    def segment_files(self, kind: str, partition: str) -> list[str]:
+        """The whole segment files of ``kind`` for a partition (paths without the protocol), sorted."""
+        fs, _ = self._fs_root
+        folder = self.segment_dir(kind, partition)
+        if not fs.exists(folder):
+            return []
+        return sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet"))
+
+    def read_segment_files(self, paths: list[str]) -> pa.Table | None:
+        """The given segment files as one table, in the order given; None when there are none."""
+        fs, _ = self._fs_root
+        tables = []
+        for path in paths:
+            with fs.open(path, "rb") as handle:
+                tables.append(pq.read_table(handle))
+        return pa.concat_tables(tables) if tables else None
+
+    def replace_segments(self, kind: str, partition: str, table: pa.Table | None, old: list[str]) -> None:
+        """Write ``table`` as one new segment, then delete the ``old`` ones: a crash in between
+        leaves both (duplicate rows), never neither. ``table`` None or empty: only delete."""
+        if table is not None and table.num_rows:
+            self.append_segment(kind, partition, table)
+        fs, _ = self._fs_root
+        for path in old:
+            try:
+                fs.rm(path)
+            except FileNotFoundError:  # another compaction got there first
+                pass
+
     def write_file(self, kind: str, partition: str, data: bytes, suffix: str) -> str:
         """Write ``<storage>/_<kind>/<partition><suffix>`` atomically (a preview picture); returns the URI."""
         fs, root = self._fs_root

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from ocr_assets.backends.recognition.base import Crop
+from ocr_assets.backends.recognition.base import Crop, Recognized, content_key
 from ocr_assets.backends.recognition.rapidocr_local import RapidOcrRecognizer, reading_order_lines
 from ocr_assets.imaging import encode_image
 from ocr_assets.schemas import CROPS, PAGE_ERROR_REGION, RECOGNITION
@@ -107,3 +107,40 @@ def test_stage_schema_pass_through_and_counts(recognizer):
     assert report.counts == {"regions": 4, "recognized": 2, "skipped": 1, "errors": 2, "empty_text": 0,
                              "cache_hits": 0}
     assert report.pages == 2 and report.parts["recognize"] > 0
+
+
+class ForgetfulRecognizer:
+    """Answers every crop it is sent except those in ``forget``; answers those in ``twice`` twice."""
+
+    name, batch_size, version = "forgetful", 4, "1"
+
+    def __init__(self, forget=(), twice=()):
+        self.forget, self.twice = set(forget), set(twice)
+
+    def recognize_stream(self, items):
+        for key, crop in items:
+            if key not in self.forget:
+                yield key, Recognized(f"text {key}", cacheable=True)
+            if key in self.twice:
+                yield key, Recognized(f"text {key} again", cacheable=True)
+
+    def cache_key(self, crop):
+        return content_key(crop.image, self.name)
+
+    def run_metadata(self):
+        return {}
+
+
+def _plain_crops(n: int) -> pa.Table:
+    return pa.Table.from_pylist([dict(page_id=f"page-{i}", region=0, task="text", image=b"png-%d" % i,
+                                      format="png", width=8, height=8, status="ok", error=None)
+                                 for i in range(n)], schema=CROPS)
+
+
+def test_a_row_never_answered_fails_the_stage():
+    table, report = run_recognition(_plain_crops(5), ForgetfulRecognizer())
+    assert table.column("status").to_pylist() == ["ok"] * 5 and report.counts["recognized"] == 5
+    with pytest.raises(RuntimeError, match=r"never answered 2 of 5 regions, on pages page-1, page-3"):
+        run_recognition(_plain_crops(5), ForgetfulRecognizer(forget={1, 3}))
+    with pytest.raises(RuntimeError, match="twice"):
+        run_recognition(_plain_crops(5), ForgetfulRecognizer(twice={2}))

@@ -1,6 +1,6 @@
 """The `openai` recognizer against real HTTP servers on localhost: `ocr-assets serve` and a faulty one.
 
-The real client (openai.AsyncOpenAI) talks to `OcrServer`, either backed by the local PP-OCRv6
+The real client (the `openai` recognizer, on aiohttp) talks to `OcrServer`, either backed by the local PP-OCRv6
 recognizer or with an answer function that injects every failure a VLM server shows: 503, 429
 with Retry-After, answers slower than the timeout, malformed JSON, empty choices, answers cut
 at max_tokens and repetition loops.

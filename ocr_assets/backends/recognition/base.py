@@ -20,12 +20,18 @@ class Crop:
 
 @dataclass(frozen=True)
 class Recognized:
-    """What a recognizer read from one crop; ``status`` is ok or error."""
+    """What a recognizer read from one crop; ``status`` is ok or error.
+
+    ``cacheable`` is True only for a final answer: a text that was read, or a verdict that the
+    same request would get again (an answer cut at max_tokens, a repetition loop). Failures of
+    the channel (a 4xx, a timeout, a dropped connection, a batch that crashed) are never cached:
+    a rotated key or a restarted server must not poison later runs.
+    """
 
     text: str
     status: str = "ok"
     error: str | None = None
-    retryable: bool = False  # the failure may pass on another attempt (server error, timeout): never cached
+    cacheable: bool = False
 
 
 class Recognizer(Protocol):
@@ -33,6 +39,7 @@ class Recognizer(Protocol):
 
     name: str
     batch_size: int
+    version: str  # the recognizer's code and models: a new version reads every crop again
 
     def recognize(self, crops: Sequence[Crop]) -> list[Recognized]:
         """One result per crop, in order; a crop that fails gets status "error", never an exception."""
@@ -48,7 +55,8 @@ class Recognizer(Protocol):
         ...
 
     def cache_key(self, crop: Crop) -> str:
-        """A key that is equal for two crops exactly when this recognizer would read them the same way."""
+        """A key that is equal for two crops exactly when this recognizer would read them the same way:
+        the crop's bytes and task, ``version``, and every setting that changes the reading."""
         ...
 
     def run_metadata(self) -> dict[str, int | float]:

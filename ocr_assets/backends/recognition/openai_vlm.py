@@ -1,24 +1,25 @@
 """The `openai` recognizer: a VLM (GLM-OCR on vLLM or SGLang) behind the OpenAI chat-completions API.
 
-Requests are posted as the chat-completions JSON with aiohttp (its HTTP parser is compiled)
-rather than through the OpenAI SDK: measured on 2 cores against a fixed-latency server, the
-SDK cost 3.0-3.3 ms of client CPU per request, httpx alone 1.6-2.1 ms, aiohttp 0.5 ms, and the
-client's CPU per request bounds how many requests one process keeps in flight.
+Requests are posted as the chat-completions JSON with aiohttp (its HTTP parser is compiled),
+all of them on one event loop: the client's CPU per request bounds how many requests one
+process keeps in flight (``bench/vlm.py`` measures it against the GLM-OCR SDK's client).
 
 Each crop is one request: the crop's JPEG bytes (already resized by the crops stage) in a
 base64 data URL, then the task's prompt; temperature 0 and a ``max_tokens`` per task. At most
 ``concurrency`` requests are in flight; the next crop is pulled from the stage as soon as one
 finishes, so the server stays full without a burst it cannot queue. 429, 5xx, connection
-errors, timeouts and malformed answers are retried with exponential backoff and jitter,
-honouring ``Retry-After``; a crop that still fails gets the reason, and the others go on. An
+errors, read timeouts (the server silent for ``timeout`` seconds) and malformed answers are
+retried with exponential backoff and jitter, honouring a well-formed ``Retry-After``; a crop
+that still fails, or that hits anything unexpected, gets the reason, and the others go on. An
 answer cut at ``max_tokens`` or caught in a repetition loop is flagged, not kept as text.
+When the caller stops reading (the step is interrupted or failed), the requests in flight are
+cancelled at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import json
 import queue
 import random
@@ -27,64 +28,20 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import aiohttp
 
 from ocr_assets import config
 from ocr_assets.backends.recognition.base import Crop, Recognized, content_key
+from ocr_assets.backends.recognition.openai_replies import VlmStats, http_reason, retry_after_seconds, repetition_loop
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+# Bumped when the way an answer becomes a region's text changes: cached answers are then read again.
+ANSWER_FORMAT = "2"
 _DONE = object()
-
-
-@dataclass
-class VlmStats:
-    """What the requests cost: the recognition asset's metadata."""
-
-    requests: int = 0
-    retries: int = 0
-    errors: Counter = field(default_factory=Counter)  # by kind: http_503, timeout, length, ...
-    tokens_in: int = 0
-    tokens_out: int = 0
-    latencies: list[float] = field(default_factory=list)
-    in_flight: int = 0
-    peak_in_flight: int = 0
-    started: float = 0.0
-    finished: float = 0.0
-
-    def metadata(self) -> dict[str, float | int]:
-        lat = sorted(self.latencies)
-
-        def pct(p: float) -> float:
-            return round(lat[min(len(lat) - 1, int(p * len(lat)))], 4) if lat else 0.0
-
-        wall = max(self.finished - self.started, 1e-9)
-        out: dict[str, float | int] = {
-            "requests": self.requests, "retries": self.retries, "tokens_in": self.tokens_in,
-            "tokens_out": self.tokens_out, "latency_p50_seconds": pct(0.5), "latency_p95_seconds": pct(0.95),
-            "latency_max_seconds": round(lat[-1], 4) if lat else 0.0,
-            "requests_per_second": round(self.requests / wall, 2) if self.requests else 0.0,
-            "peak_in_flight": self.peak_in_flight,
-        }
-        out.update({f"errors_{kind}": n for kind, n in sorted(self.errors.items())})
-        return out
-
-
-def repetition_loop(text: str, min_chars: int = 400, max_period: int = 200, repeats: int = 8) -> bool:
-    """Whether ``text`` ends in one short chunk repeated over and over (a decoding loop)."""
-    if len(text) < min_chars:
-        return False
-    tail = text[-max_period * repeats:]
-    for period in range(1, max_period + 1):
-        if period * repeats > len(tail):
-            break
-        unit = tail[-period:]
-        if tail.endswith(unit * repeats) and unit.strip():
-            return True
-    return False
+_STOP_POLL_SECONDS = 0.05  # how soon the event loop notices that the caller stopped reading
+_JOIN_SECONDS = 10.0  # the longest a stopped stream waits for its event loop to wind down
 
 
 def _loop_factory():
@@ -96,16 +53,11 @@ def _loop_factory():
     return uvloop.new_event_loop
 
 
-def _retry_after(headers) -> float | None:
-    """Seconds from a Retry-After header (delta seconds or an HTTP date)."""
-    value = headers.get("retry-after") if headers is not None else None
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time()) if when else None
+async def _cancel_on_stop(stop: threading.Event, main: asyncio.Task) -> None:
+    """Cancel ``main`` (and so every request in flight) once the caller sets ``stop``."""
+    while not stop.is_set():
+        await asyncio.sleep(_STOP_POLL_SECONDS)
+    main.cancel()
 
 
 class OpenAIRecognizer:
@@ -144,6 +96,7 @@ class OpenAIRecognizer:
         self.max_attempts = max(1, int(max_attempts))
         self.backoff_base, self.backoff_max = float(backoff_base), float(backoff_max)
         self.verify_tls = bool(verify_tls)
+        self.version = f"openai-client/{ANSWER_FORMAT}"
         self._url = f"{self.base_url}/chat/completions"
         self.stats = VlmStats()
         if probe:
@@ -152,8 +105,9 @@ class OpenAIRecognizer:
     # -- settings that decide an answer --
 
     def cache_key(self, crop: Crop) -> str:
+        """Crop bytes, the client's answer format, model, prompt and sampling (the request as sent)."""
         prompt = self.prompts.get(crop.task, self.prompts["text"])
-        return content_key(crop.image, self.name, self.model, prompt, "temperature=0",
+        return content_key(crop.image, self.name, self.version, self.model, prompt, "temperature=0",
                            f"max_tokens={self.max_tokens.get(crop.task, 8192)}")
 
     def run_metadata(self) -> dict[str, int | float]:
@@ -203,8 +157,10 @@ class OpenAIRecognizer:
         """One HTTP session holding up to ``concurrency`` keep-alive connections."""
         connector = aiohttp.TCPConnector(limit=self.concurrency, ssl=None if self.verify_tls else False)
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key or 'none'}"}
-        return aiohttp.ClientSession(connector=connector, headers=headers,
-                                     timeout=aiohttp.ClientTimeout(total=self.timeout))
+        # A read timeout, not a total: a long answer that keeps arriving, or a wait for a free
+        # connection, is not a server that stopped answering.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(self.timeout, 30.0), sock_read=self.timeout)
+        return aiohttp.ClientSession(connector=connector, headers=headers, timeout=timeout)
 
     # -- reading --
 
@@ -213,10 +169,15 @@ class OpenAIRecognizer:
         return [results[i] for i in range(len(crops))]
 
     def recognize_stream(self, items: Iterable[tuple[int, Crop]]) -> Iterator[tuple[int, Recognized]]:
-        """(key, result) as answers arrive; an event loop on a worker thread keeps the requests going."""
+        """(key, result) as answers arrive; an event loop on a worker thread keeps the requests going.
+
+        When the caller stops reading (closes the generator, or an exception such as Dagster's
+        interruption unwinds it), the requests in flight are cancelled and this returns within
+        about a second instead of waiting for their retries.
+        """
         self.stats = VlmStats()
         answers: queue.Queue = queue.Queue()
-        stop = threading.Event()  # the caller stopped reading: send nothing more
+        stop = threading.Event()  # the caller stopped reading: cancel what is in flight, send nothing more
 
         def work() -> None:
             try:
@@ -241,13 +202,22 @@ class OpenAIRecognizer:
                 yield item
         finally:
             stop.set()
-            worker.join()
+            worker.join(_JOIN_SECONDS)
 
     async def _run(self, items: Iterable[tuple[int, Crop]], answers: queue.Queue, stop: threading.Event) -> None:
         session = self._session()
         slots = asyncio.Semaphore(self.concurrency)
-        tasks: set[asyncio.Task] = set()
+        tasks: dict[asyncio.Task, object] = {}  # in flight -> its key
+        watcher = asyncio.create_task(_cancel_on_stop(stop, asyncio.current_task()))
         self.stats.started = self.stats.started or time.perf_counter()
+
+        def done(task: asyncio.Task) -> None:
+            key = tasks.pop(task)
+            # _answer turns every failure into a result; should one escape, the region still gets one
+            if not task.cancelled() and task.exception() is not None:
+                exc = task.exception()
+                answers.put((key, Recognized("", "error", f"the VLM client failed: {type(exc).__name__}: {exc}")))
+
         try:
             for key, crop in items:
                 await slots.acquire()
@@ -255,19 +225,28 @@ class OpenAIRecognizer:
                     slots.release()
                     break
                 task = asyncio.create_task(self._answer(session, key, crop, slots, answers))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                tasks[task] = key
+                task.add_done_callback(done)
             if tasks:
-                await asyncio.gather(*tasks)
+                await asyncio.gather(*tasks, return_exceptions=True)
         finally:
+            watcher.cancel()
+            for task in list(tasks):  # stopped: the caller reads no more answers
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
             self.stats.finished = time.perf_counter()
             await session.close()
 
     async def _answer(self, session, key, crop: Crop, slots: asyncio.Semaphore, answers: queue.Queue) -> None:
         try:
-            answers.put((key, await self._read(session, crop)))
+            result = await self._read(session, crop)
+        except Exception as exc:  # a bug or a surprise in the client fails this region, not the step
+            self.stats.errors["unexpected"] += 1
+            result = Recognized("", "error", f"the VLM client failed: {type(exc).__name__}: {exc}")
         finally:
             slots.release()
+        answers.put((key, result))
 
     def _request(self, crop: Crop) -> dict:
         data = base64.b64encode(crop.image).decode("ascii")
@@ -304,20 +283,12 @@ class OpenAIRecognizer:
             try:
                 async with session.post(self._url, data=body) as response:
                     status, headers, content = response.status, response.headers, await response.read()
-            except asyncio.TimeoutError:
-                stats.errors["timeout"] += 1
-                reason = f"no answer within {self.timeout:g} s"
-            except aiohttp.ClientError as exc:
-                stats.errors["connection"] += 1
-                reason = f"connection to the VLM server failed: {type(exc).__name__}: {exc}"
-            else:
                 if status != 200:
-                    kind = f"http_{status}"
-                    reason = f"HTTP {status} from the VLM server: {content[:300].decode(errors='replace')}"
-                    stats.errors[kind] += 1
-                    if status not in RETRY_STATUS:
+                    stats.errors[f"http_{status}"] += 1
+                    reason = http_reason(status, content)
+                    if status not in RETRY_STATUS:  # the request itself is refused: not an answer, not cached
                         return Recognized("", "error", reason)
-                    retry_after = _retry_after(headers)
+                    retry_after = retry_after_seconds(headers)
                 else:
                     stats.latencies.append(time.perf_counter() - start)
                     try:
@@ -330,11 +301,23 @@ class OpenAIRecognizer:
                             return result
                         stats.errors["empty_choices"] += 1
                         reason = "the VLM server answered without a choice"
+            except (asyncio.TimeoutError, TimeoutError) as exc:  # asyncio's and aiohttp's timeouts alike
+                stats.errors["timeout"] += 1
+                if isinstance(exc, aiohttp.ConnectionTimeoutError):
+                    reason = f"no connection to the VLM server within {min(self.timeout, 30.0):g} s"
+                else:
+                    reason = f"the VLM server sent nothing for {self.timeout:g} s (vlm_timeout)"
+            except (aiohttp.ClientError, OSError) as exc:  # refused, reset, disconnected, cut mid-answer
+                stats.errors["connection"] += 1
+                reason = f"connection to the VLM server failed: {type(exc).__name__}: {exc}"
+            except Exception as exc:  # anything else in the client: this attempt failed, try again
+                stats.errors["unexpected"] += 1
+                reason = f"the VLM client failed: {type(exc).__name__}: {exc}"
             finally:
                 stats.in_flight -= 1
             if attempt + 1 < self.max_attempts:
                 await asyncio.sleep(self._backoff(attempt, retry_after))
-        return Recognized("", "error", f"{reason} (after {self.max_attempts} attempts)", retryable=True)
+        return Recognized("", "error", f"{reason} (after {self.max_attempts} attempts)")
 
     def _judge(self, answer: dict) -> Recognized | None:
         """The answer of one completed request (the chat-completion JSON), flagged when degenerate;
@@ -348,8 +331,8 @@ class OpenAIRecognizer:
         text = choices[0]["message"].get("content") or ""
         if choices[0].get("finish_reason") == "length":
             self.stats.errors["length"] += 1
-            return Recognized("", "error", "answer cut at max_tokens (finish_reason=length)")
+            return Recognized("", "error", "answer cut at max_tokens (finish_reason=length)", cacheable=True)
         if repetition_loop(text):
             self.stats.errors["repetition"] += 1
-            return Recognized("", "error", "answer is a repetition loop")
-        return Recognized(text.strip())
+            return Recognized("", "error", "answer is a repetition loop", cacheable=True)
+        return Recognized(text.strip(), cacheable=True)

@@ -9,6 +9,7 @@ default (pages are upright).
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -120,6 +121,18 @@ class RapidOcrRecognizer:
         self._engine._load_rec_model()
         self._cls = self._engine._load_cls_model() if use_cls else None
         self._text_score = float(self._engine.cfg.Global.text_score)
+        self.version = self._version()
+
+    def _version(self) -> str:
+        """rapidocr's version and the model files it loaded: another wheel or model reads differently."""
+        cfg = self._engine.cfg
+        models = []
+        for engine in (self._engine.text_det, self._engine.text_rec, self._cls):
+            session = getattr(getattr(engine, "session", None), "session", None)
+            path = getattr(session, "_model_path", None)  # onnxruntime keeps the file it loaded here
+            models.append(os.path.basename(str(path)) if path else "")
+        return (f"rapidocr {importlib.metadata.version('rapidocr')}; {cfg.Det.ocr_version} {cfg.Det.model_type}"
+                f"; models {','.join(models)}")
 
     def _read(self, engine, image: np.ndarray) -> list[list[str]]:
         """Rows of line texts found in one image."""
@@ -165,16 +178,17 @@ class RapidOcrRecognizer:
                     lines = self._cls(lines).img_list
                 out = self._engine.text_rec(TextRecInput(img=lines))
                 texts, scores = out.txts, out.scores
-            except Exception as exc:  # the whole batch failed: every crop with lines gets the reason
+            except Exception as exc:  # the whole batch failed: every crop with lines gets the reason, uncached
                 for k, start, boxes in found:
                     if len(boxes):
-                        results[k] = Recognized(text="", status="error", error=f"local recognizer failed: {exc}")
+                        results[k] = Recognized(text="", status="error",
+                                                error=f"local recognizer failed on its batch: {exc}")
         for k, start, boxes in found:
             if results[k] is not None:
                 continue
             keep = [j for j in range(len(boxes)) if scores[start + j] >= self._text_score and texts[start + j].strip()]
             rows = reading_order_lines(boxes[keep], [texts[start + j] for j in keep])
-            results[k] = Recognized(text=_join(crops[k].task, rows))
+            results[k] = Recognized(text=_join(crops[k].task, rows), cacheable=True)
         return results  # type: ignore[return-value]
 
     def recognize_stream(self, items: Iterable[tuple[int, Crop]]) -> Iterator[tuple[int, Recognized]]:
@@ -182,8 +196,10 @@ class RapidOcrRecognizer:
         return recognize_in_batches(self, items)
 
     def cache_key(self, crop: Crop) -> str:
-        """Same image bytes and task, same reading (the models are the wheel's, the settings fixed)."""
-        return content_key(crop.image, self.name, crop.task, json.dumps(CROP_PARAMS, sort_keys=True))
+        """Same image bytes and task, same version and reading settings (thread counts do not change it)."""
+        settings = {k: v for k, v in self.settings.items() if not k.startswith("EngineConfig.onnxruntime.")}
+        return content_key(crop.image, self.name, self.version, crop.task,
+                           json.dumps(settings, sort_keys=True, default=str))
 
     def run_metadata(self) -> dict[str, int | float]:
         return {}  # in process: nothing beyond the stage's own timings

@@ -1,0 +1,89 @@
+"""Reading the VLM server's replies: Retry-After, refusals, degenerate answers, and what the requests cost."""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import timezone
+
+from ocr_assets import config
+
+
+@dataclass
+class VlmStats:
+    """What the requests cost: the recognition asset's metadata."""
+
+    requests: int = 0
+    retries: int = 0
+    errors: Counter = field(default_factory=Counter)  # by kind: http_503, timeout, length, ...
+    tokens_in: int = 0
+    tokens_out: int = 0
+    latencies: list[float] = field(default_factory=list)
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    started: float = 0.0
+    finished: float = 0.0
+
+    def metadata(self) -> dict[str, float | int]:
+        lat = sorted(self.latencies)
+
+        def pct(p: float) -> float:
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))], 4) if lat else 0.0
+
+        wall = max(self.finished - self.started, 1e-9)
+        out: dict[str, float | int] = {
+            "requests": self.requests, "retries": self.retries, "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out, "latency_p50_seconds": pct(0.5), "latency_p95_seconds": pct(0.95),
+            "latency_max_seconds": round(lat[-1], 4) if lat else 0.0,
+            "requests_per_second": round(self.requests / wall, 2) if self.requests else 0.0,
+            "peak_in_flight": self.peak_in_flight,
+        }
+        out.update({f"errors_{kind}": n for kind, n in sorted(self.errors.items())})
+        return out
+
+
+def repetition_loop(text: str, min_chars: int = 400, max_period: int = 200, repeats: int = 8) -> bool:
+    """Whether ``text`` ends in one short chunk repeated over and over (a decoding loop)."""
+    if len(text) < min_chars:
+        return False
+    tail = text[-max_period * repeats:]
+    for period in range(1, max_period + 1):
+        if period * repeats > len(tail):
+            break
+        unit = tail[-period:]
+        if tail.endswith(unit * repeats) and unit.strip():
+            return True
+    return False
+
+
+def retry_after_seconds(headers) -> float | None:
+    """Seconds a Retry-After header asks for (delta seconds or an HTTP date; a past date is 0);
+    None when it is absent or malformed, so that the normal backoff applies."""
+    try:
+        value = str(headers.get("retry-after") or "").strip() if headers is not None else ""
+        if not value:
+            return None
+        try:
+            seconds = float(value)
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(value)  # raises on anything but an HTTP date
+            when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+            return max(0.0, when.timestamp() - time.time())
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    except Exception:  # a malformed header must never fail a region
+        return None
+
+
+def http_reason(status: int, content: bytes) -> str:
+    """What a non-200 answer means, with the setting to change where there is one."""
+    hint = {
+        401: f"the server refused the key: set {config.ENV_VLM_API_KEY}",
+        403: f"the server refused the key: set {config.ENV_VLM_API_KEY}",
+        404: f"check {config.ENV_VLM_BASE_URL} (ending in /v1) and {config.ENV_VLM_MODEL}",
+        413: "the request is larger than the server accepts: raise its body limit",
+    }.get(status)
+    message = content[:300].decode(errors="replace")
+    return f"HTTP {status} from the VLM server: {message}" + (f" ({hint})" if hint else "")
