@@ -36,7 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--model", default="glm-ocr", help="the model name it serves (default: glm-ocr)")
     serve.add_argument("--threads", type=int, default=0, help="CPU threads for the models (default: all)")
 
+    prune = sub.add_parser("prune-cache", help="drop recognition cache entries the current settings no longer reach")
+    prune.add_argument("--partition", action="append", default=[], metavar="KEY",
+                       help="a shard key whose cache to prune; repeat for several (default: every cached shard)")
+
     args = parser.parse_args(argv)
+    if args.command == "prune-cache":
+        return prune_cache(args.partition)
     if args.command == "serve":
         from ocr_assets.serve import serve as run_server
 
@@ -139,6 +145,36 @@ def run_pipeline(partitions: list[str], select: list[str]) -> int:
     if failed:
         print(f"{len(failed)} partition(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
+    return 0
+
+
+def prune_cache(partitions: list[str]) -> int:
+    """Keep, per partition, only the cache entries that the current recognizer settings would look
+    up for its current crops; a partition whose crops are gone keeps nothing."""
+    from ocr_assets.definitions import defs
+    from ocr_assets.recognition_cache import cached_partitions, prune
+    from ocr_assets.stages.recognition import reachable_keys
+    from ocr_assets.storage import StorageError
+
+    try:
+        store = defs.resources["storage"].process_config_and_initialize().store()
+        with defs.resources["recognizer"].process_config_and_initialize_cm() as settings:
+            recognizer = settings.for_cache_keys()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    keys = partitions or cached_partitions(store)
+    total_kept = total_dropped = 0
+    for key in keys:
+        try:
+            reachable = reachable_keys(store.read("crops", key), recognizer)
+        except StorageError:
+            reachable = set()  # no crops any more: nothing can reach these answers
+        kept, dropped = prune(store, key, reachable)
+        total_kept, total_dropped = total_kept + kept, total_dropped + dropped
+        print(f"{key}: kept {kept}, dropped {dropped}")
+    print(f"recognition cache ({recognizer.name}, {store.root}): {len(keys)} partition(s), "
+          f"kept {total_kept}, dropped {total_dropped}")
     return 0
 
 

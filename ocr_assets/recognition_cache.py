@@ -103,3 +103,12 @@ def prune(store: ParquetStore, partition: str, keep: set[str]) -> tuple[int, int
     before the old ones are deleted.
     """
     return _rewrite(store, partition, keep)
+
+
+def cached_partitions(store: ParquetStore) -> list[str]:
+    """Partitions that have a recognition cache folder in ``store``."""
+    fs, root = store._fs_root
+    folder = f"{root}/_{CACHE_KIND}"
+    if not fs.exists(folder):
+        return []
+    return sorted(path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(folder, detail=False) if fs.isdir(path))

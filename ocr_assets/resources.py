@@ -252,6 +252,14 @@ class RecognizerResource(dg.ConfigurableResource):
         key = ("recognizer", name, self.threads, json.dumps(options, sort_keys=True, default=str))
         return _load_once(key, lambda: create_recognizer(name, threads=self.threads or None, **options))
 
+    def for_cache_keys(self) -> Recognizer:
+        """The configured recognizer, to compute cache keys only: no server is probed or started."""
+        name = self.kind_name()
+        if name == "openai":  # the key holds no URL: any server serving the model reads alike
+            options = self._vlm_options(self.vlm_base_url or "http://unused/v1")
+            return create_recognizer(name, probe=False, **options)
+        return create_recognizer(name, threads=self.threads or None)
+
     def _vlm_options(self, base_url: str | None) -> dict[str, Any]:
         return {
             "base_url": base_url, "model": self.vlm_model, "api_key": self.vlm_api_key,

@@ -91,6 +91,30 @@ def test_a_failed_blocking_check_exits_non_zero(tmp_path):
     assert not (tmp_path / "ocr_data" / "documents").exists()
 
 
+def test_prune_cache_drops_what_the_settings_no_longer_reach(small_dataset, tmp_path):
+    import pyarrow as pa
+
+    from ocr_assets.recognition_cache import CACHE_SCHEMA
+    from ocr_assets.storage import ParquetStore
+
+    env = dict(OCR_ASSETS_DATASET=small_dataset, DAGSTER_HOME=str(tmp_path / "home"))
+    assert _run(["run", "--partition", "data-00000-of-00002"], tmp_path, **env).returncode == 0
+    store = ParquetStore(str(tmp_path / "ocr_data"))
+    answers = store.read_segments("recognition_cache", "data-00000-of-00002")
+    assert answers.num_rows > 0 and len(store.segment_files("recognition_cache", "data-00000-of-00002")) == 1
+    # an answer read under other settings (another model, another prompt): no current key reaches it
+    store.append_segment("recognition_cache", "data-00000-of-00002", pa.table(
+        {"key": ["0" * 64], "text": ["old"], "status": ["ok"], "error": [None]}, schema=CACHE_SCHEMA))
+    done = _run(["prune-cache"], tmp_path, **env)
+    assert done.returncode == 0, done.stderr
+    assert f"data-00000-of-00002: kept {answers.num_rows}, dropped 1" in done.stdout
+    left = store.read_segments("recognition_cache", "data-00000-of-00002")
+    assert sorted(left.column("key").to_pylist()) == sorted(answers.column("key").to_pylist())
+    # a rerun still reads every answer from the cache
+    rerun = _run(["run", "--partition", "data-00000-of-00002", "--select", "recognition"], tmp_path, **env)
+    assert rerun.returncode == 0, rerun.stderr
+
+
 def test_sample_command_writes_shards(tmp_path):
     done = _run(["sample", str(tmp_path / "s"), "--pages", "2", "--shards", "2"], tmp_path)
     assert done.returncode == 0, done.stderr
