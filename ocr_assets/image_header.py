@@ -3,6 +3,9 @@
 Supports PNG, JPEG, GIF, BMP, WebP (VP8, VP8L, VP8X) and TIFF. Every parser checks
 lengths before reading and does bounded work, so hostile bytes give an
 ``ImageHeaderError`` quickly rather than a crash or a long loop.
+
+The size is the upright page's: cv2 applies an EXIF orientation when it decodes (JPEG, PNG,
+WebP, TIFF), and orientations 5-8 swap the sides, so the header's size is swapped to match.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ _JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xC
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8), 0xD8})
 _JPEG_MAX_SEGMENTS = 1024
 _TIFF_MAX_ENTRIES = 4096
+_CHUNK_MAX = 256  # PNG / WebP chunks walked looking for EXIF
+_ORIENTATION_TAG = 0x0112
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -38,9 +43,26 @@ class ImageHeaderError(ValueError):
 def read_header(data: bytes | memoryview) -> ImageHeader:
     """Format, width and height of encoded image bytes, read from the header only.
 
-    Raises ``ImageHeaderError`` with a readable reason for empty, truncated, unknown or
-    malformed input.
+    The size is the upright one (an EXIF orientation of 5-8 swaps width and height), as
+    ``imaging.decode_page`` returns the page. Raises ``ImageHeaderError`` with a readable
+    reason for empty, truncated, unknown or malformed input.
     """
+    header, orientation = _read(data)
+    if orientation >= 5:
+        return ImageHeader(header.format, header.height, header.width)
+    return header
+
+
+def read_orientation(data: bytes | memoryview) -> int:
+    """The EXIF orientation (1-8) of encoded image bytes; 1 where there is none or it cannot be read."""
+    try:
+        return _read(data)[1]
+    except ImageHeaderError:
+        return 1
+
+
+def _read(data: bytes | memoryview) -> tuple[ImageHeader, int]:
+    """The header as stored (not rotated) and the EXIF orientation."""
     view = memoryview(data)
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
@@ -48,25 +70,26 @@ def read_header(data: bytes | memoryview) -> ImageHeader:
     if n == 0:
         raise ImageHeaderError("empty image bytes")
     head = bytes(view[:16])
+    orientation = 1
     if head.startswith(_PNG_SIGNATURE):
-        header = _png(view)
+        header, orientation = _png(view), _png_orientation(view)
     elif head.startswith(b"\xff\xd8"):
-        header = _jpeg(view)
+        header, orientation = _jpeg(view)
     elif head.startswith((b"GIF87a", b"GIF89a")):
         header = _gif(view)
     elif head.startswith(b"BM"):
         header = _bmp(view)
     elif head.startswith(b"RIFF") and head[8:12] == b"WEBP":
-        header = _webp(view)
+        header, orientation = _webp(view), _webp_orientation(view)
     elif head.startswith((b"II", b"MM")) and head[2:4] in (b"*\x00", b"\x00*", b"+\x00", b"\x00+"):
-        header = _tiff(view)
+        header, orientation = _tiff(view)
     else:
         raise ImageHeaderError(f"not an image (starts with {head[:8]!r})")
     if header.width <= 0 or header.height <= 0:
         raise ImageHeaderError(
             f"{header.format.upper()} header gives an empty size {header.width}x{header.height}", header.format
         )
-    return header
+    return header, orientation
 
 
 def _need(view: memoryview, size: int, fmt: str) -> None:
@@ -82,9 +105,10 @@ def _png(view: memoryview) -> ImageHeader:
     return ImageHeader("png", width, height)
 
 
-def _jpeg(view: memoryview) -> ImageHeader:
+def _jpeg(view: memoryview) -> tuple[ImageHeader, int]:
     n = len(view)
     i = 2
+    orientation = 1
     for _ in range(_JPEG_MAX_SEGMENTS):
         if i >= n:
             break
@@ -114,7 +138,9 @@ def _jpeg(view: memoryview) -> ImageHeader:
             if j + 8 > n:
                 break
             height, width = struct.unpack_from(">HH", view, j + 4)
-            return ImageHeader("jpeg", width, height)
+            return ImageHeader("jpeg", width, height), orientation
+        if marker == 0xE1 and bytes(view[j + 3:j + 9]) == b"Exif\x00\x00":  # APP1: EXIF, before the frame
+            orientation = _exif_orientation(view[j + 9:min(n, j + 1 + length)])
         if marker == 0xDA:
             raise ImageHeaderError("JPEG scan starts before any frame header", "jpeg")
         i = j + 1 + length
@@ -167,7 +193,7 @@ def _webp(view: memoryview) -> ImageHeader:
     raise ImageHeaderError(f"unknown WebP chunk {chunk!r}", "webp")
 
 
-def _tiff(view: memoryview) -> ImageHeader:
+def _tiff(view: memoryview) -> tuple[ImageHeader, int]:
     _need(view, 8, "tiff")
     order = "<" if bytes(view[:2]) == b"II" else ">"
     (magic,) = struct.unpack_from(order + "H", view, 2)
@@ -194,5 +220,55 @@ def _tiff(view: memoryview) -> ImageHeader:
         else:
             height = value
         if width is not None and height is not None:
-            return ImageHeader("tiff", width, height)
+            return ImageHeader("tiff", width, height), _exif_orientation(view)
     raise ImageHeaderError("truncated TIFF header (no width/height tags in the first IFD)", "tiff")
+
+
+def _exif_orientation(tiff: memoryview) -> int:
+    """The orientation tag (0x0112) of the first IFD of a TIFF-structured EXIF block; 1 if absent or unreadable."""
+    if len(tiff) < 8 or bytes(tiff[:2]) not in (b"II", b"MM"):
+        return 1
+    order = "<" if bytes(tiff[:2]) == b"II" else ">"
+    (ifd,) = struct.unpack_from(order + "I", tiff, 4)
+    if ifd < 8 or ifd + 2 > len(tiff):
+        return 1
+    (count,) = struct.unpack_from(order + "H", tiff, ifd)
+    for k in range(min(count, _TIFF_MAX_ENTRIES, (len(tiff) - ifd - 2) // 12)):
+        (tag,) = struct.unpack_from(order + "H", tiff, ifd + 2 + 12 * k)
+        if tag == _ORIENTATION_TAG:  # a SHORT; read as one whatever the type says, as cv2 does
+            (value,) = struct.unpack_from(order + "H", tiff, ifd + 10 + 12 * k)
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def _png_orientation(view: memoryview) -> int:
+    """Orientation from a PNG ``eXIf`` chunk before the image data; 1 without one."""
+    i = 8
+    for _ in range(_CHUNK_MAX):
+        if i + 8 > len(view):
+            break
+        (length,) = struct.unpack_from(">I", view, i)
+        kind = bytes(view[i + 4:i + 8])
+        if kind == b"eXIf":
+            return _exif_orientation(view[i + 8:min(len(view), i + 8 + length)])
+        if kind in (b"IDAT", b"IEND"):
+            break
+        i += 12 + length
+    return 1
+
+
+def _webp_orientation(view: memoryview) -> int:
+    """Orientation from a WebP ``EXIF`` chunk (extended format only); 1 without one."""
+    if bytes(view[12:16]) != b"VP8X" or len(view) < 21 or not view[20] & 0x08:  # the VP8X EXIF flag
+        return 1
+    i = 12
+    for _ in range(_CHUNK_MAX):
+        if i + 8 > len(view):
+            break
+        kind = bytes(view[i:i + 4])
+        (length,) = struct.unpack_from("<I", view, i + 4)
+        if kind == b"EXIF":
+            block = view[i + 8:min(len(view), i + 8 + length)]
+            return _exif_orientation(block[6:] if bytes(block[:6]) == b"Exif\x00\x00" else block)
+        i += 8 + length + (length & 1)  # chunks are padded to an even size
+    return 1

@@ -26,6 +26,9 @@ def check_pixels(width: int, height: int, cap: int | None = None) -> None:
 def decode_page(data: bytes | memoryview | np.ndarray) -> np.ndarray:
     """Decode encoded image bytes to a BGR uint8 array (H, W, 3) with cv2, without copying the input.
 
+    cv2 turns the page upright by its EXIF orientation (JPEG, PNG, WebP, TIFF); ``read_header``
+    reports that upright size, and the GPU decode path turns its pages the same way.
+
     The header is read first: an image declaring more pixels than OCR_ASSETS_MAX_PIXELS is
     refused before anything is allocated for it.
     """

@@ -77,3 +77,57 @@ def test_jpeg_crops_and_missing_pages():
     assert a["format"] == "jpeg" and a["image"][:2] == b"\xff\xd8"
     assert (a["width"], a["height"]) == (360, 40)
     assert missing["status"] == "error" and "not in the pages table" in missing["error"]
+
+
+def _two_pages():
+    page = _page()
+    encoded = [cv2.imencode(".png", page)[1].tobytes(), cv2.imencode(".png", page[:, ::-1].copy())[1].tobytes()]
+    boxes = [(40, 40, 400, 80), (0, 110, 320, 160), (300, 200, 600, 400)]
+    rows = [_layout_row(p, i, "text", box) for p in ("a", "b") for i, box in enumerate(boxes)]
+    return pa.Table.from_pylist(rows, schema=LAYOUT), encoded
+
+
+def test_a_short_answer_from_the_page_worker_gives_error_rows(monkeypatch):
+    from ocr_assets.stages import crops
+
+    real = crops._page_crops
+
+    def drops_the_last_region(data, boxes, *args):
+        out, parts = real(data, boxes, *args)
+        return (out[:-1] if data == encoded[1] else out), parts
+
+    layout, encoded = _two_pages()
+    monkeypatch.setattr(crops, "_page_crops", drops_the_last_region)
+    table, report = make_crops(layout, lambda row: encoded[row], _pages_table(["a", "b"]))
+    got = table.to_pylist()
+    assert [r["status"] for r in got] == ["ok"] * 3 + ["error"] * 3
+    for r in got[3:]:  # no ok row with an empty image: each says why
+        assert r["image"] == b"" and "2 results" in r["error"] and "3 regions" in r["error"]
+    assert all(r["image"] and r["error"] is None for r in got[:3])
+    assert report.counts["errors"] == 3
+
+
+def test_a_page_worker_that_raises_fails_only_its_own_regions(monkeypatch):
+    from ocr_assets.stages import crops
+
+    real = crops._page_crops
+
+    def breaks_on_b(data, *args):
+        if data == encoded[1]:
+            raise MemoryError("no room for this page")
+        return real(data, *args)
+
+    layout, encoded = _two_pages()
+    monkeypatch.setattr(crops, "_page_crops", breaks_on_b)
+    table, _ = make_crops(layout, lambda row: encoded[row], _pages_table(["a", "b"]))
+    got = table.to_pylist()
+    assert [r["status"] for r in got] == ["ok"] * 3 + ["error"] * 3
+    assert all("MemoryError: no room for this page" in r["error"] and r["image"] == b"" for r in got[3:])
+
+
+def test_a_layout_error_row_never_becomes_an_ok_crop():
+    # a page's -1 row that layout (wrongly) left ok: it has nothing to cut, so it is no ok crop
+    row = _layout_row("a", PAGE_ERROR_REGION, "skip", (0, 0, 0, 0), status="ok")
+    table, _ = make_crops(pa.Table.from_pylist([row], schema=LAYOUT), lambda r: b"", _pages_table(["a"]))
+    (got,) = table.to_pylist()
+    assert got["status"] == "error" and got["error"] and got["image"] == b""

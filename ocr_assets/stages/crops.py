@@ -95,7 +95,9 @@ def make_crops(
     the page. ``fmt`` is png, jpeg, or ``vlm-jpeg``: JPEG resized so both sides are multiples of
     28 and the pixels lie within the VLM's bounds (``width``/``height`` are then the stored size). ``skip`` regions are stored too. Layout error rows (a failed page's ``region = -1``
     row) pass through with an empty image; a page that cannot be decoded here gives every one of
-    its regions status error; an empty box is an error for that region only.
+    its regions status error; an empty box is an error for that region only. Every region starts
+    unanswered and is ``ok`` only once its crop is stored; one left unanswered is a bug and
+    raises RuntimeError.
 
     Parts (``decode``, ``crop``, ``encode``) are summed over the worker threads, so together they
     can exceed ``stage_seconds``.
@@ -120,11 +122,16 @@ def make_crops(
         widths = np.zeros(n, np.int32)
         heights = np.zeros(n, np.int32)
         formats: list = [None] * n
-        statuses = list(in_status)
         errors = layout.column("error").to_pylist()
 
-        # Rows already failed at layout (the page's -1 row, or a failed region) pass through.
+        # Rows already failed at layout (the page's -1 row, or a failed region) pass through as
+        # errors; every other row starts unanswered (None) and becomes ok only once it is cut.
         todo = (regions != PAGE_ERROR_REGION) & (in_status != "error")
+        statuses: list = [None if cut else "error" for cut in todo.tolist()]
+        for i in np.flatnonzero(~todo).tolist():
+            errors[i] = errors[i] or "layout gave this page no region to cut"
+        for i in np.flatnonzero(todo).tolist():
+            errors[i] = None
         todo_idx = np.flatnonzero(todo)
         if len(todo_idx):
             # Group the rows to cut by page, keeping the first-seen page order.
@@ -144,7 +151,11 @@ def make_crops(
                     data = image_at(int(row))
                 except Exception as exc:
                     return idx, [(None, 0, 0, f"could not read source row {row}: {exc}")] * len(idx), {}
-                out, parts = _page_crops(data, boxes[idx], fmt, jpeg_quality, padding)
+                try:
+                    out, parts = _page_crops(data, boxes[idx], fmt, jpeg_quality, padding)
+                except Exception as exc:  # one page must not stop the shard
+                    reason = f"crops failed on this page: {type(exc).__name__}: {exc}"
+                    return idx, [(None, 0, 0, reason)] * len(idx), {}
                 return idx, out, parts
 
             workers = workers or min(4, len(os.sched_getaffinity(0)))
@@ -152,12 +163,21 @@ def make_crops(
                 for idx, out, parts in pool.map(work, order.tolist()):
                     for name, seconds in parts.items():
                         report.parts[name] = report.parts.get(name, 0.0) + seconds
+                    if len(out) != len(idx):  # a short answer: no region of the page may stay unanswered
+                        reason = f"the crop worker gave {len(out)} results for this page's {len(idx)} regions"
+                        out = [(None, 0, 0, reason)] * len(idx)
                     for i, (image, w, h, err) in zip(idx.tolist(), out):
                         if err is None:
                             images[i], widths[i], heights[i], formats[i] = image, w, h, stored_format
                             statuses[i], errors[i] = "ok", None
                         else:
                             statuses[i], errors[i] = "error", err
+        unanswered = [i for i, s in enumerate(statuses) if s is None]
+        if unanswered:
+            raise RuntimeError(
+                f"crops left {len(unanswered)} region(s) unanswered, for example rows {unanswered[:3]}: "
+                f"a bug in the crops stage, not in the pages"
+            )
 
         table = pa.table(
             {

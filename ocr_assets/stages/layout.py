@@ -4,7 +4,9 @@ Each page is decoded once and preprocessed by the backend (on a worker thread, o
 ahead of the model, so decoding overlaps inference), the backend detects regions in batches,
 abandoned labels (headers, footers) are dropped, ink outside every model box is recovered as
 extra text regions, and the kept regions are put in reading order. A page that cannot be
-decoded or fails in the model becomes one error row; the partition goes on.
+decoded or fails in the model becomes one error row; the partition goes on. A page with no
+regions gives no row. A fault of the device (a CUDA error, or out of memory with one page
+alone) raises ``DeviceFault``: the step fails rather than turn every later page into an error.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ocr_assets import config
-from ocr_assets.backends.layout.base import Detection, LayoutBackend, PreparedPage
+from ocr_assets.backends.layout.base import (
+    DeviceFault, Detection, LayoutBackend, PreparedPage, device_fault_kind, free_device_memory,
+)
 from ocr_assets.schemas import PAGE_ERROR_REGION, layout_schema
 from ocr_assets.stages.reading_order import order_detections
 from ocr_assets.stages.recovery import recover_text_boxes
@@ -26,10 +30,39 @@ from ocr_assets.timing import StageReport, timed_stage
 ImageAt = Callable[[int], "bytes | memoryview | None"]
 DUPLICATE_IOU = 0.8  # two labels for (nearly) the same box: one of them stands
 MERGE_SHARE = 0.2  # same-task regions sharing this much of the smaller box are read as one
+# what became of a page: nothing yet, its regions, none found, an error row
+UNANSWERED, REGIONS, NO_REGIONS, FAILED = range(4)
 
 
-def _prepare(backend: LayoutBackend, image_at: ImageAt, rows: list[int]) -> list[PreparedPage | str]:
-    """The backend's prepared pages for source rows ``rows``, or per page the reason it failed; never raises."""
+def _answers(results, count: int) -> list:
+    """``results`` as a list, checked to hold one answer per page: a short answer must not drop a page."""
+    results = list(results)
+    if len(results) != count:
+        raise ValueError(f"the layout backend gave {len(results)} results for {count} page(s)")
+    return results
+
+
+def _device_fault(page_ids: list[str], exc: Exception) -> DeviceFault:
+    """The DeviceFault to raise for ``exc``, naming the pages and the settings to change."""
+    named = ", ".join(repr(p) for p in page_ids[:3])
+    if len(page_ids) > 3:
+        named += f" and {len(page_ids) - 3} more"
+    what = ("ran out of device memory with one page alone" if device_fault_kind(exc) == "memory"
+            else "hit a device error")
+    return DeviceFault(
+        f"the layout model {what} on page {named} ({type(exc).__name__}: {exc}); lower "
+        f"{config.ENV_LAYOUT_BATCH_SIZE}, or set {config.ENV_DEVICE} to another GPU or to cpu"
+    )
+
+
+def _prepare(
+    backend: LayoutBackend, image_at: ImageAt, rows: list[int], page_ids: list[str]
+) -> list[PreparedPage | str]:
+    """The backend's prepared pages for source rows ``rows``, or per page the reason it failed.
+
+    Where preparing the batch fails, each page is prepared alone, so one bad page fails alone.
+    Raises only ``DeviceFault``.
+    """
     blobs: list = []
     unread: dict[int, str] = {}
     for n, row in enumerate(rows):
@@ -39,10 +72,21 @@ def _prepare(backend: LayoutBackend, image_at: ImageAt, rows: list[int]) -> list
             blobs.append(None)
             unread[n] = f"page image could not be read from the dataset: {exc}"
     try:
-        prepared = backend.prepare(blobs)
+        prepared = _answers(backend.prepare(blobs), len(blobs))
     except Exception as exc:
-        return [f"page could not be prepared for the layout model: {type(exc).__name__}: {exc}"] * len(rows)
+        if device_fault_kind(exc) == "device":
+            raise _device_fault(page_ids, exc) from exc
+        prepared = [_prepare_alone(backend, blob, page_id) for blob, page_id in zip(blobs, page_ids)]
     return [unread.get(n, p) for n, p in enumerate(prepared)]
+
+
+def _prepare_alone(backend: LayoutBackend, blob, page_id: str) -> PreparedPage | str:
+    try:
+        return _answers(backend.prepare([blob]), 1)[0]
+    except Exception as exc:
+        if device_fault_kind(exc) is not None:
+            raise _device_fault([page_id], exc) from exc
+        return f"page could not be prepared for the layout model: {type(exc).__name__}: {exc}"
 
 
 def _pairwise_intersection(boxes: np.ndarray) -> np.ndarray:
@@ -136,13 +180,15 @@ def run_layout(
 
     ``image_at(row)`` returns the stored image bytes of source row ``row``. Regions are
     numbered ``region`` 0..n-1 in reading order per page; source is ``model`` or
-    ``recovered`` (ink outside every model box, when ``recover_text``).
+    ``recovered`` (ink outside every model box, when ``recover_text``). Every ``ok`` page ends
+    with regions, none (no row; counted as ``pages_without_regions``) or one error row; a page
+    left unanswered is a bug and raises RuntimeError. A device fault raises ``DeviceFault``.
     """
     report = report if report is not None else StageReport()
     report.info["backend"] = backend.name
     report.info["batch_size"] = backend.batch_size
     report.info.update(backend.info)
-    for name in ("regions", "recovered_regions", "errors", "abandoned_regions"):
+    for name in ("regions", "recovered_regions", "errors", "abandoned_regions", "pages_without_regions"):
         report.count(name, 0)
     schema = layout_schema(backend.keep_polygons)
     cols: dict[str, list] = {name: [] for name in schema.names}
@@ -167,11 +213,13 @@ def run_layout(
         todo = pages.filter(ok)
         page_ids = todo.column("page_id").to_pylist()
         rows = todo.column("row").to_pylist()
+        state = [UNANSWERED] * len(rows)
         size = max(1, int(backend.batch_size))
         batches = [range(i, min(i + size, len(rows))) for i in range(0, len(rows), size)]
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layout-prepare") as pool:
             def submit(batch: range) -> Future:
-                return pool.submit(_prepare, backend, image_at, [rows[i] for i in batch])
+                return pool.submit(_prepare, backend, image_at, [rows[i] for i in batch],
+                                   [page_ids[i] for i in batch])
 
             pending = submit(batches[0]) if batches else None
             for b, batch in enumerate(batches):
@@ -185,40 +233,68 @@ def run_layout(
                 report.pages += len(batch)
                 report.advance(len(batch), len(rows))
                 good = [(i, p) for i, p in zip(batch, prepared) if isinstance(p, PreparedPage)]
-                # per page: detections, or the reason it failed
+                # per page: detections, or the reason it failed; a page missing here stays unanswered
                 outcome = {i: p for i, p in zip(batch, prepared) if isinstance(p, str)}
-                outcome.update(zip((i for i, _ in good), _detect(backend, [p for _, p in good], report)))
+                found = _detect(backend, [p for _, p in good], [page_ids[i] for i, _ in good], report)
+                outcome.update(zip((i for i, _ in good), found))
                 pages_by_index = dict(good)
                 for i in batch:
-                    if isinstance(outcome[i], str):
-                        emit_error(page_ids[i], outcome[i])
+                    answer = outcome.get(i)
+                    if answer is None:
                         continue
-                    regions = _page_regions(
-                        pages_by_index[i], outcome[i], backend.label_tasks, recover_text, report
-                    )
+                    if isinstance(answer, str):
+                        emit_error(page_ids[i], answer)
+                        state[i] = FAILED
+                        continue
+                    try:
+                        regions = _page_regions(
+                            pages_by_index[i], answer, backend.label_tasks, recover_text, report
+                        )
+                    except DeviceFault:
+                        raise
+                    except Exception as exc:  # one page's odd boxes must not stop the shard
+                        emit_error(page_ids[i], f"regions of this page could not be kept and ordered: "
+                                                f"{type(exc).__name__}: {exc}")
+                        state[i] = FAILED
+                        continue
                     for n, (d, task, source) in enumerate(regions):
                         emit(page_ids[i], n, d.label, task, d.score, (d.x0, d.y0, d.x1, d.y1), source,
                              polygon=d.polygon)
                     report.count("regions", len(regions))
                     report.count("recovered_regions", sum(s == "recovered" for _, _, s in regions))
+                    state[i] = REGIONS if regions else NO_REGIONS
                 del prepared, good, pages_by_index  # free the pages before the next batch
+        unanswered = [page_ids[i] for i, s in enumerate(state) if s == UNANSWERED]
+        if unanswered:
+            raise RuntimeError(
+                f"layout left {len(unanswered)} page(s) unanswered, for example {unanswered[:3]}: "
+                f"a bug in the layout stage, not in the pages"
+            )
+        report.count("pages_without_regions", state.count(NO_REGIONS))
         table = pa.table(cols, schema=schema)
     return table, report
 
 
-def _detect(backend: LayoutBackend, images: list[PreparedPage], report: StageReport) -> list:
-    """Detections per image; where the batch fails, each page alone, a failing page giving its reason."""
+def _detect(backend: LayoutBackend, images: list[PreparedPage], page_ids: list[str], report: StageReport) -> list:
+    """Detections per image, or per page the reason it failed.
+
+    A failing batch is halved (8 → 4 + 4 → ... → each page alone), the device's cached memory
+    freed between tries: a batch too large for the GPU still runs, and a page that fails alone
+    gets the error. A device error, or running out of memory with one page alone, raises
+    ``DeviceFault`` instead: every later page would fail the same way.
+    """
     if not images:
         return []
     try:
-        return backend.detect(images, report)
+        return _answers(backend.detect(images, report), len(images))
     except Exception as exc:
-        if len(images) == 1:
-            return [f"layout model failed on this page: {type(exc).__name__}: {exc}"]
-    out: list = []
-    for image in images:
-        try:
-            out.append(backend.detect([image], report)[0])
-        except Exception as exc:
-            out.append(f"layout model failed on this page: {type(exc).__name__}: {exc}")
-    return out
+        kind = device_fault_kind(exc)
+        if kind == "device" or (kind == "memory" and len(images) == 1):
+            raise _device_fault(page_ids, exc) from exc
+        reason = f"layout model failed on this page: {type(exc).__name__}: {exc}"
+    free_device_memory()  # after the except block: the failed try's tensors are released by now
+    if len(images) == 1:
+        return [reason]
+    half = (len(images) + 1) // 2
+    return (_detect(backend, images[:half], page_ids[:half], report)
+            + _detect(backend, images[half:], page_ids[half:], report))

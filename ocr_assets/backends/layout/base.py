@@ -2,14 +2,45 @@
 
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
 from ocr_assets.imaging import decode_page
 from ocr_assets.timing import StageReport
+
+
+# Words in an exception that say the device failed, not the page: CUDA, cuDNN, cuBLAS, the driver.
+_DEVICE_ERRORS = ("cuda error", "cuda failure", "cudnn", "cublas", "cufft", "cusolver", "nvjpeg_status",
+                  "device-side assert")
+
+
+class DeviceFault(RuntimeError):
+    """The accelerator failed (a CUDA error, or out of memory with one page alone): the step must fail.
+
+    Not a page's fault, so not an error row: every later page would fail the same way.
+    """
+
+
+def device_fault_kind(exc: BaseException) -> str | None:
+    """``"memory"`` for an out-of-memory error, ``"device"`` for another device error, else None."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    text = str(exc).lower()
+    if "OutOfMemoryError" in names or "out of memory" in text:
+        return "memory"
+    if "AcceleratorError" in names or "CudaError" in names or any(w in text for w in _DEVICE_ERRORS):
+        return "device"
+    return None
+
+
+def free_device_memory() -> None:
+    """Give cached GPU memory back, where torch has used CUDA in this process (torch is not imported for it)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 @dataclass(frozen=True)
@@ -31,8 +62,9 @@ class PreparedPage:
     """One page decoded once and made ready for ``detect``.
 
     ``inputs`` is what the backend's model takes (a normalised array, a tensor on the device);
-    ``image`` gives the page's pixels on the host (BGR or gray uint8) for the stage's text
-    recovery; where the page was decoded on a device it is copied back only when asked for.
+    ``host`` holds the page's full-resolution pixels on the host (BGR, or gray uint8 where the
+    page was decoded on a device: the full-resolution device copy is dropped once the model
+    input exists) for the stage's text recovery. ``height``/``width`` are the upright page's.
     """
 
     height: int
@@ -41,12 +73,9 @@ class PreparedPage:
     decode_seconds: float = 0.0
     preprocess_seconds: float = 0.0
     host: np.ndarray | None = None
-    to_host: Callable[[], np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def image(self) -> np.ndarray:
-        if self.host is None and self.to_host is not None:
-            self.host = self.to_host()
         if self.host is None:
             raise ValueError("this prepared page keeps no host pixels")
         return self.host

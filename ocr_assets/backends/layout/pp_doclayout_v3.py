@@ -25,6 +25,8 @@ import torch
 from ocr_assets import config
 from ocr_assets.backends.layout import pp_postprocess as post
 from ocr_assets.backends.layout.base import Detection, PreparedPage, ensure_prepared, prepare_with
+from ocr_assets.image_header import read_header, read_orientation
+from ocr_assets.imaging import check_pixels
 from ocr_assets.timing import StageReport
 
 INPUT_SIZE = (800, 800)  # (height, width) the processor resizes to, unless the checkpoint says otherwise
@@ -216,31 +218,45 @@ class PPDocLayoutV3Backend:
         return prepare_with([data], self._resize_host)[0]
 
     def _prepare_jpegs_on_device(self, blobs: list) -> list[PreparedPage | None]:
-        """nvJPEG decode of a batch of JPEGs straight into GPU memory; None where it cannot (cv2 then)."""
+        """nvJPEG decode of a batch of JPEGs straight into GPU memory; None where it cannot (cv2 then).
+
+        nvJPEG ignores EXIF orientation, which cv2 applies: it is applied here, so a page is the
+        same way up on either path. Each full-resolution page is dropped as soon as its resized
+        input and its gray host copy (for text recovery) exist, so they do not pile up.
+        """
         from torchvision.io import ImageReadMode, decode_jpeg
 
         start = time.perf_counter()
         data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
         try:
             images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError:  # one bad or unsupported JPEG fails the batch: try each alone
+        except Exception:  # one bad or unsupported JPEG fails the batch: try each alone
             images = []
             for d in data:
                 try:
                     images.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=self.device))
-                except RuntimeError:
+                except Exception:
                     images.append(None)
+        del data
         decoded = time.perf_counter() - start
         out: list[PreparedPage | None] = []
-        for image in images:
+        for k, blob in enumerate(blobs):
+            image, images[k] = images[k], None  # the batch list must not keep the full-resolution page
             if image is None:
                 out.append(None)
                 continue
             start = time.perf_counter()
-            inputs = self._resize_device(image)
-            height, width = image.shape[1:]
-            out.append(PreparedPage(height, width, inputs, decoded / len(images), time.perf_counter() - start,
-                                    to_host=lambda image=image: _host_gray(image)))
+            try:
+                image = apply_exif_orientation(image, read_orientation(blob))
+                height, width = image.shape[1:]
+                inputs, gray = self._resize_device(image), _host_gray(image)
+            except Exception:  # the cv2 path decides: a page error, or a device fault it raises
+                out.append(None)
+                continue
+            finally:
+                del image
+            out.append(PreparedPage(height, width, inputs, decoded / len(blobs), time.perf_counter() - start,
+                                    host=gray))
         return out
 
     def _resize_device(self, rgb: torch.Tensor) -> torch.Tensor:
@@ -255,12 +271,14 @@ class PPDocLayoutV3Backend:
         blobs = list(blobs)
         out: list[PreparedPage | str | None] = [None] * len(blobs)
         if self.device.type == "cuda":
-            jpegs = [i for i, b in enumerate(blobs) if b is not None and bytes(b[:3]) == JPEG_MAGIC]
+            jpegs = [i for i, b in enumerate(blobs) if _decodes_on_device(b)]
             if jpegs:
                 with torch.cuda.stream(self._stream):
                     for i, page in zip(jpegs, self._prepare_jpegs_on_device([blobs[i] for i in jpegs])):
                         out[i] = page
         rest = [i for i, p in enumerate(out) if p is None]
+        # host pages keep their full-resolution BGR pixels: text recovery reads them in page
+        # pixels; they live as long as the batch (two batches: this one and the one prepared ahead)
         for i, page in zip(rest, self._decoders.map(self._prepare_host, [blobs[i] for i in rest])):
             out[i] = page
         if self._stream is not None:
@@ -343,11 +361,41 @@ class PPDocLayoutV3Backend:
         ]
 
 
+def _decodes_on_device(data: bytes | memoryview | None) -> bool:
+    """Whether nvJPEG takes this page: a JPEG within the pixel limit (cv2 refuses the rest with a reason)."""
+    if data is None or bytes(data[:3]) != JPEG_MAGIC:
+        return False
+    try:
+        header = read_header(data)
+        check_pixels(header.width, header.height)
+    except ValueError:  # ImageHeaderError, ImageDecodeError
+        return False
+    return True
+
+
 def _host_gray(rgb: torch.Tensor) -> np.ndarray:
-    """Gray uint8 copy of a (3, H, W) RGB device page: a third of the bytes of the colour page."""
-    rgb.record_stream(torch.cuda.current_stream(rgb.device))  # decoded on the decode stream
+    """Gray uint8 host copy of a (3, H, W) RGB device page: a third of the bytes of the colour page."""
     weights = torch.tensor([0.299, 0.587, 0.114], device=rgb.device)[:, None, None]
     return (rgb.float() * weights).sum(0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def apply_exif_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A (C, H, W) page turned upright for its EXIF orientation (1-8), as cv2 and PIL's exif_transpose do."""
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-2, -1)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-2, -1)
+    if orientation == 6:  # rotate 90 degrees clockwise
+        return image.transpose(-2, -1).flip(-1)
+    if orientation == 7:
+        return image.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:  # rotate 90 degrees anticlockwise
+        return image.transpose(-2, -1).flip(-2)
+    return image
 
 
 def write_random_checkpoint(folder: str | Path, *, seed: int = 0, class_prior: float = 0.05) -> Path:
