@@ -131,3 +131,12 @@ def test_a_layout_error_row_never_becomes_an_ok_crop():
     table, _ = make_crops(pa.Table.from_pylist([row], schema=LAYOUT), lambda r: b"", _pages_table(["a"]))
     (got,) = table.to_pylist()
     assert got["status"] == "error" and got["error"] and got["image"] == b""
+
+
+def test_a_page_id_on_two_rows_is_refused_not_cut_from_the_wrong_page():
+    import pytest
+
+    pages = pa.table({"page_id": ["doc", "doc"], "row": [0, 1]})
+    layout = pa.Table.from_pylist([_layout_row("doc", 0, "text", (0, 0, 10, 10))], schema=LAYOUT)
+    with pytest.raises(ValueError, match="page id 'doc' is on rows 0 and 1.*OCR_ASSETS_ID_COLUMN"):
+        make_crops(layout, lambda row: b"", pages)

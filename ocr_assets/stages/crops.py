@@ -24,10 +24,16 @@ VLM_FORMAT = "vlm-jpeg"  # JPEG, resized to the VLM's patch grid and pixel bound
 
 
 def _row_map(rows: Mapping[str, int] | pa.Table) -> Mapping[str, int]:
-    """page_id → source row, from a mapping or the PAGES table."""
-    if isinstance(rows, pa.Table):
-        return dict(zip(rows.column("page_id").to_pylist(), rows.column("row").to_pylist()))
-    return rows
+    """page_id → source row, from a mapping or the PAGES table; a page_id on two rows is refused
+    (its regions could be cut from the other row's page)."""
+    if not isinstance(rows, pa.Table):
+        return rows
+    row_of: dict[str, int] = {}
+    for page_id, row in zip(rows.column("page_id").to_pylist(), rows.column("row").to_pylist()):
+        if row_of.setdefault(page_id, row) != row:
+            raise ValueError(f"page id {page_id!r} is on rows {row_of[page_id]} and {row} of the pages table; "
+                             f"page ids must be unique (OCR_ASSETS_ID_COLUMN)")
+    return row_of
 
 
 def _page_crops(
