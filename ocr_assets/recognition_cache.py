@@ -36,7 +36,9 @@ class RecognitionCache:
         table = store.read_segments(CACHE_KIND, partition)
         if table is not None:
             for key, text, status, error in zip(*(table.column(c).to_pylist() for c in CACHE_SCHEMA.names)):
-                self._known[key] = Recognized(text or "", status or "ok", error)
+                if status is None:  # not a known answer: ask again rather than read it as a success
+                    continue
+                self._known[key] = Recognized(text or "", status, error, cacheable=True)
         self._pending: list[tuple[str, Recognized]] = []
         self._last_flush = time.monotonic()
         self._lock = threading.Lock()
@@ -63,6 +65,8 @@ class RecognitionCache:
         trusting memory, so a segment another process added meanwhile is never lost.
         """
         self.flush()
+        if len(self.store.segment_files(CACHE_KIND, self.partition)) <= 1:  # already one file: leave it unread
+            return len(self._known), 0
         return _rewrite(self.store, self.partition, keep=None)
 
     def flush(self) -> None:

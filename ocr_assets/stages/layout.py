@@ -250,8 +250,6 @@ def run_layout(
                         regions = _page_regions(
                             pages_by_index[i], answer, backend.label_tasks, recover_text, report
                         )
-                    except DeviceFault:
-                        raise
                     except Exception as exc:  # one page's odd boxes must not stop the shard
                         emit_error(page_ids[i], f"regions of this page could not be kept and ordered: "
                                                 f"{type(exc).__name__}: {exc}")

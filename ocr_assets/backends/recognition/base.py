@@ -42,7 +42,10 @@ class Recognizer(Protocol):
     version: str  # the recognizer's code and models: a new version reads every crop again
 
     def recognize(self, crops: Sequence[Crop]) -> list[Recognized]:
-        """One result per crop, in order; a crop that fails gets status "error", never an exception."""
+        """One result per crop, in order; a crop that fails alone gets status "error".
+
+        Raises when the batch as a whole failed (``recognize_in_batches`` then reads it in halves).
+        """
         ...
 
     def recognize_stream(self, items: Iterable[tuple[int, Crop]]) -> Iterator[tuple[int, Recognized]]:
@@ -67,17 +70,30 @@ class Recognizer(Protocol):
 def recognize_in_batches(
     recognizer: Recognizer, items: Iterable[tuple[int, Crop]]
 ) -> Iterator[tuple[int, Recognized]]:
-    """``recognize_stream`` for recognizers that work in batches: ``batch_size`` crops per call."""
+    """``recognize_stream`` for recognizers that work in batches: ``batch_size`` crops per call.
+
+    A batch that fails as a whole (an exception, or a wrong number of results) is read again in
+    halves, down to each crop alone: only a crop that fails alone gets the error, and that error
+    is never cached (another run may read it).
+    """
     step = max(1, int(recognizer.batch_size or 1))
     batch: list[tuple[int, Crop]] = []
 
+    def read(crops: list[Crop]) -> list[Recognized]:
+        try:
+            results = list(recognizer.recognize(crops))
+            if len(results) != len(crops):
+                raise RuntimeError(f"it returned {len(results)} results for {len(crops)} crops")
+            return results
+        except Exception as exc:
+            if len(crops) == 1:
+                return [Recognized("", "error", f"recognizer {recognizer.name!r} failed on its batch, and on this "
+                                                f"crop alone: {type(exc).__name__}: {exc}")]
+        half = (len(crops) + 1) // 2
+        return read(crops[:half]) + read(crops[half:])
+
     def flush() -> Iterator[tuple[int, Recognized]]:
-        results = recognizer.recognize([crop for _, crop in batch])
-        if len(results) != len(batch):
-            raise RuntimeError(
-                f"recognizer {recognizer.name!r} returned {len(results)} results for {len(batch)} crops"
-            )
-        yield from zip((key for key, _ in batch), results)
+        yield from zip((key for key, _ in batch), read([crop for _, crop in batch]))
 
     for item in items:
         batch.append(item)

@@ -60,6 +60,10 @@ async def _cancel_on_stop(stop: threading.Event, main: asyncio.Task) -> None:
     main.cancel()
 
 
+class UnfinishedAnswer(ValueError):
+    """A 200 whose choice did not finish (vLLM's or SGLang's abort or error): retried, never cached."""
+
+
 class OpenAIRecognizer:
     """Reads crops through an OpenAI-compatible server; see the module docstring."""
 
@@ -220,6 +224,7 @@ class OpenAIRecognizer:
 
         try:
             for key, crop in items:
+                await asyncio.sleep(0)  # the stop watcher and finished requests run between crops
                 await slots.acquire()
                 if stop.is_set():
                     slots.release()
@@ -293,6 +298,9 @@ class OpenAIRecognizer:
                     stats.latencies.append(time.perf_counter() - start)
                     try:
                         result = self._judge(json.loads(content))
+                    except UnfinishedAnswer as exc:  # aborted or failed on the server: ask again
+                        stats.errors["unfinished"] += 1
+                        reason = str(exc)
                     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
                         stats.errors["malformed"] += 1
                         reason = f"malformed answer from the VLM server: {type(exc).__name__}: {exc}"
@@ -329,7 +337,10 @@ class OpenAIRecognizer:
         self.stats.tokens_in += int(usage.get("prompt_tokens") or 0)
         self.stats.tokens_out += int(usage.get("completion_tokens") or 0)
         text = choices[0]["message"].get("content") or ""
-        if choices[0].get("finish_reason") == "length":
+        finish = choices[0].get("finish_reason")
+        if finish not in (None, "stop", "length"):  # abort, error, content_filter: not the model's answer
+            raise UnfinishedAnswer(f"the VLM server ended the answer with finish_reason={finish!r}")
+        if finish == "length":
             self.stats.errors["length"] += 1
             return Recognized("", "error", "answer cut at max_tokens (finish_reason=length)", cacheable=True)
         if repetition_loop(text):

@@ -172,17 +172,11 @@ class RapidOcrRecognizer:
             lines.extend(crop_lines)
         texts: Sequence[str] = ()
         scores: Sequence[float] = ()
-        if lines:
-            try:
-                if self._cls is not None:
-                    lines = self._cls(lines).img_list
-                out = self._engine.text_rec(TextRecInput(img=lines))
-                texts, scores = out.txts, out.scores
-            except Exception as exc:  # the whole batch failed: every crop with lines gets the reason, uncached
-                for k, start, boxes in found:
-                    if len(boxes):
-                        results[k] = Recognized(text="", status="error",
-                                                error=f"local recognizer failed on its batch: {exc}")
+        if lines:  # a failure here is the whole batch's: raised, so the caller reads it in halves
+            if self._cls is not None:
+                lines = self._cls(lines).img_list
+            out = self._engine.text_rec(TextRecInput(img=lines))
+            texts, scores = out.txts, out.scores
         for k, start, boxes in found:
             if results[k] is not None:
                 continue
