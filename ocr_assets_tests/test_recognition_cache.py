@@ -48,7 +48,7 @@ def test_only_answers_are_cached_and_a_rerun_asks_again(serve, tmp_path):
         if n == 4:
             return completion("cut " * 20, finish="length")
         if n == 5:
-            await asyncio.sleep(2)  # longer than the 0.5 s read timeout
+            await asyncio.sleep(4)  # longer than the 2 s read timeout
         if n == 6:
             return await drop_mid_answer(request)
         return completion(f"text-{n}")
@@ -56,7 +56,7 @@ def test_only_answers_are_cached_and_a_rerun_asks_again(serve, tmp_path):
     server = serve(handler)
     store = ParquetStore(str(tmp_path))
     crops = crops_table(7)
-    first, _ = run_recognition(crops, recognizer(server, timeout=0.5, max_attempts=1),
+    first, _ = run_recognition(crops, recognizer(server, timeout=2.0, max_attempts=1),
                                cache=RecognitionCache(store, "s"))
     rows = first.to_pylist()
     assert [r["status"] for r in rows] == ["error", "error", "error", "ok", "error", "error", "error"]
@@ -68,7 +68,7 @@ def test_only_answers_are_cached_and_a_rerun_asks_again(serve, tmp_path):
     assert "max_tokens" in cached[client.cache_key(crop[4])].error
 
     before = dict(server.calls)
-    second, report = run_recognition(crops, recognizer(server, timeout=0.5, max_attempts=1),
+    second, report = run_recognition(crops, recognizer(server, timeout=2.0, max_attempts=1),
                                      cache=RecognitionCache(store, "s"))
     assert report.counts["cache_hits"] == 2
     assert {n for n in range(7) if server.calls[n] > before[n]} == {0, 1, 2, 5, 6}
