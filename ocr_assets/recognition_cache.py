@@ -111,8 +111,4 @@ def prune(store: ParquetStore, partition: str, keep: set[str]) -> tuple[int, int
 
 def cached_partitions(store: ParquetStore) -> list[str]:
     """Partitions that have a recognition cache folder in ``store``."""
-    fs, root = store._fs_root
-    folder = f"{root}/_{CACHE_KIND}"
-    if not fs.exists(folder):
-        return []
-    return sorted(path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(folder, detail=False) if fs.isdir(path))
+    return store.segment_partitions(CACHE_KIND)

@@ -60,6 +60,14 @@ class ParquetStore:
         _, root = self._fs_root
         return f"{root}/_{kind}/{partition}"
 
+    def segment_partitions(self, kind: str) -> list[str]:
+        """Partitions that have a segment folder of ``kind``, sorted."""
+        fs, _ = self._fs_root
+        folder = self.segment_dir(kind, "").rstrip("/")
+        if not fs.exists(folder):
+            return []
+        return sorted(path.rstrip("/").rsplit("/", 1)[-1] for path in fs.ls(folder, detail=False) if fs.isdir(path))
+
     def append_segment(self, kind: str, partition: str, table: pa.Table) -> None:
         """Add one segment file atomically: a crash leaves whole segments only, never half of one."""
         self._write_atomic(f"{self.segment_dir(kind, partition)}/{uuid.uuid4().hex}.parquet", table)

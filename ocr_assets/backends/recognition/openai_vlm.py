@@ -211,17 +211,9 @@ class OpenAIRecognizer:
     async def _run(self, items: Iterable[tuple[int, Crop]], answers: queue.Queue, stop: threading.Event) -> None:
         session = self._session()
         slots = asyncio.Semaphore(self.concurrency)
-        tasks: dict[asyncio.Task, object] = {}  # in flight -> its key
+        tasks: set[asyncio.Task] = set()  # in flight; _answer turns every failure into a result
         watcher = asyncio.create_task(_cancel_on_stop(stop, asyncio.current_task()))
         self.stats.started = self.stats.started or time.perf_counter()
-
-        def done(task: asyncio.Task) -> None:
-            key = tasks.pop(task)
-            # _answer turns every failure into a result; should one escape, the region still gets one
-            if not task.cancelled() and task.exception() is not None:
-                exc = task.exception()
-                answers.put((key, Recognized("", "error", f"the VLM client failed: {type(exc).__name__}: {exc}")))
-
         try:
             for key, crop in items:
                 await asyncio.sleep(0)  # the stop watcher and finished requests run between crops
@@ -230,8 +222,8 @@ class OpenAIRecognizer:
                     slots.release()
                     break
                 task = asyncio.create_task(self._answer(session, key, crop, slots, answers))
-                tasks[task] = key
-                task.add_done_callback(done)
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
         finally:
