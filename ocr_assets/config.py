@@ -22,6 +22,7 @@ ENV_VLM_MODEL = "OCR_ASSETS_VLM_MODEL"
 ENV_VLM_API_KEY = "OCR_ASSETS_VLM_API_KEY"
 ENV_VLM_CONCURRENCY = "OCR_ASSETS_VLM_CONCURRENCY"
 ENV_MAX_PIXELS = "OCR_ASSETS_MAX_PIXELS"
+ENV_PDF_DPI = "OCR_ASSETS_PDF_DPI"
 ENV_MAX_ERROR_RATE = "OCR_ASSETS_MAX_ERROR_RATE"
 ENV_MAX_EMPTY_RATE = "OCR_ASSETS_MAX_EMPTY_RATE"
 ENV_MAX_PAGE_ERROR_RATE = "OCR_ASSETS_MAX_PAGE_ERROR_RATE"
@@ -31,6 +32,9 @@ ENV_SCHEDULE_CRON = "OCR_ASSETS_SCHEDULE_CRON"
 DEFAULT_STORAGE = "./ocr_data"
 DEFAULT_MAX_PIXELS = 100_000_000  # a page over this is refused before decoding (600-dpi A3 is ~70 MP)
 DEFAULT_SAMPLE_DIR = "./ocr_sample"
+DEFAULT_PDF_DPI = 150
+# the longest side of a rendered PDF page, whatever its DPI: an A0 poster at 150 dpi is 7022 px
+PDF_MAX_SIDE = 5000
 
 TASKS = ("text", "table", "formula", "skip")
 ABANDON = "abandon"
@@ -118,3 +122,8 @@ def env_number(name: str, default: float, kind: type = float, low: float = 0, hi
 def max_pixels() -> int:
     """The largest page (width × height) that is decoded; larger ones are refused from their header."""
     return env_number(ENV_MAX_PIXELS, DEFAULT_MAX_PIXELS, int, low=1)
+
+
+def pdf_dpi() -> int:
+    """The resolution PDF pages are rendered at (OCR_ASSETS_PDF_DPI)."""
+    return env_number(ENV_PDF_DPI, DEFAULT_PDF_DPI, int, low=18, high=1200)

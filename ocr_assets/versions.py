@@ -14,7 +14,7 @@ from importlib import metadata
 from ocr_assets import config
 
 # Bump an asset's revision when its stage's logic changes what it writes.
-REVISIONS = {"pages": "2", "layout": "2", "crops": "2", "recognition": "2", "documents": "2"}
+REVISIONS = {"pages": "3", "layout": "3", "crops": "3", "recognition": "3", "documents": "3"}
 
 
 def _package(name: str) -> str | None:
@@ -59,7 +59,8 @@ def settings(asset: str) -> dict:
     """What decides ``asset``'s output, besides its code and its inputs."""
     if asset == "pages":
         return {"image_column": config.env(config.ENV_IMAGE_COLUMN), "id_column": config.env(config.ENV_ID_COLUMN),
-                "max_pixels": config.env(config.ENV_MAX_PIXELS)}
+                "max_pixels": config.env(config.ENV_MAX_PIXELS), "pdf_dpi": config.env(config.ENV_PDF_DPI),
+                "pypdfium2": _package("pypdfium2")}
     if asset == "layout":
         return _layout()
     if asset == "crops":  # the crop format follows the recognizer (VLM-ready JPEG or PNG)
