@@ -25,10 +25,11 @@ from PIL import Image
 
 from ocr_assets.backends.layout import create_layout_backend
 from ocr_assets.backends.recognition import create_recognizer
-from ocr_assets.dataset import list_shards, open_shard
+from ocr_assets.sources import list_shards, open_shard
 from ocr_assets.evaluation import corpus_word_scores
 from ocr_assets.imaging import decode_page
 from ocr_assets.sample import write_sample
+from ocr_assets.schemas import PAGES
 from ocr_assets.stages.crops import make_crops
 from ocr_assets.stages.documents import assemble_documents
 from ocr_assets.stages.layout import run_layout
@@ -42,14 +43,13 @@ def bench_stage0(shard, store: ParquetStore, scratch: Path, repeat: int) -> tupl
     ours = []
     for _ in range(repeat):
         start = time.perf_counter()
-        table, _ = extract_pages(shard)
-        store.write("pages", shard.key, table)
+        with store.writer("pages", shard.key, PAGES) as written:
+            extract_pages(shard, sink=written.write)
         ours.append(time.perf_counter() - start)
     out = scratch / "baseline_pages"
     out.mkdir(exist_ok=True)
     start = time.perf_counter()
-    for row in range(shard.num_rows):
-        data = shard.image_at(row)
+    for row, data in enumerate(shard.read_pages([(row, 0) for row in range(shard.num_rows)])):
         image = Image.open(io.BytesIO(data)).convert("RGB")
         image.save(out / f"{row:06d}.jpg", format="JPEG", quality=95)
     baseline = time.perf_counter() - start
@@ -82,8 +82,8 @@ def main() -> None:
     # Crops, on layout computed once.
     pages_table, _ = extract_pages(shard)
     backend = create_layout_backend("picodet-cdla")
-    layout_table, layout_report = run_layout(pages_table, shard.image_at, backend)
-    crop_runs = [make_crops(layout_table, shard.image_at, pages_table)[1] for _ in range(3)]
+    layout_table, layout_report = run_layout(pages_table, shard, backend)
+    crop_runs = [make_crops(layout_table, shard, pages_table)[1] for _ in range(3)]
     best = min(crop_runs, key=lambda r: r.stage_seconds)
     rows.append(("crops", f"{best.pages_per_second:.1f} pages/s", "-", "-", "-", ">= 20 pages/s"))
 
@@ -92,8 +92,8 @@ def main() -> None:
     e2e_pages = pages_table.slice(0, n)
     recognizer = create_recognizer("local")
     start = time.perf_counter()
-    lay, lay_r = run_layout(e2e_pages, shard.image_at, backend)
-    crops, crop_r = make_crops(lay, shard.image_at, e2e_pages)
+    lay, lay_r = run_layout(e2e_pages, shard, backend)
+    crops, crop_r = make_crops(lay, shard, e2e_pages)
     rec, rec_r = run_recognition(crops, recognizer)
     docs, doc_r = assemble_documents(e2e_pages, lay, rec)
     ours_seconds = time.perf_counter() - start
@@ -101,9 +101,9 @@ def main() -> None:
     truths = load_from_disk(str(data))["ground_truth"][:n]
     ours_f1 = corpus_word_scores(zip(docs.column("markdown").to_pylist(), truths))
 
-    recognizer.recognize_page(decode_page(shard.image_at(0)))  # load the whole-page models first
+    recognizer.recognize_page(decode_page(shard.read_pages([(0, 0)])[0]))  # load the whole-page models first
     start = time.perf_counter()
-    whole = [recognizer.recognize_page(decode_page(shard.image_at(row))) for row in range(n)]
+    whole = [recognizer.recognize_page(decode_page(data)) for data in shard.read_pages([(row, 0) for row in range(n)])]
     base_seconds = time.perf_counter() - start
     base_f1 = corpus_word_scores(zip(whole, truths))
     rows.append(("end to end", f"{n / ours_seconds:.3f} pages/s", "rapidocr, whole page",
@@ -130,6 +130,7 @@ def main() -> None:
           f"whole page {base_f1[0]:.4f}/{base_f1[1]:.4f}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"rows": rows, "stage_seconds": parts}, indent=2))
+    shard.close()
     shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -1,4 +1,5 @@
-"""The five partitioned assets. Each is thin: read upstream Parquet, call its stage, write Parquet, report."""
+"""The five partitioned assets. Each is thin: open its inputs, call its stage with the partition's
+Parquet writer as the sink (row groups written as they come), check and report."""
 
 import logging
 import warnings
@@ -13,11 +14,14 @@ from ocr_assets.preview import layout_picture, markdown_excerpt, markdown_image
 from ocr_assets.partitions import shards_partitions
 from ocr_assets.recognition_cache import RecognitionCache
 from ocr_assets.resources import DatasetResource, LayoutResource, RecognizerResource, StorageResource
+from ocr_assets.schemas import CROPS, DOCUMENTS, PAGES, RECOGNITION, layout_schema
+from ocr_assets.sources import Shard
 from ocr_assets.stages.crops import make_crops
-from ocr_assets.stages.documents import assemble_documents
+from ocr_assets.stages.documents import LAYOUT_COLUMNS, RECOGNITION_COLUMNS, assemble_documents
 from ocr_assets.stages.layout import run_layout
 from ocr_assets.stages.pages import extract_pages
 from ocr_assets.stages.recognition import run_recognition
+from ocr_assets.storage import ParquetStore, PartitionWriter
 from ocr_assets.timing import StageReport
 from ocr_assets.versions import code_version
 
@@ -28,21 +32,21 @@ warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", categor
 GROUP = "ocr"
 FAILED_BLOCKING_CHECKS = "failed_blocking_checks"
 OWNERS = ["team:ocr"]
+# what crops reads of each layout row: the polygons, where kept, are not needed to cut
+CROP_LAYOUT_COLUMNS = ["page_id", "region", "task", "x0", "y0", "x1", "y1", "status", "error"]
 
 
 def publish(
     context: dg.AssetExecutionContext,
-    storage: StorageResource,
-    table: pa.Table,
+    written: PartitionWriter,
     report: StageReport,
     model_load_seconds: float | None = None,
     checks: dict[str, tuple[bool, dict]] | None = None,
     extra: dict[str, object] | None = None,
 ) -> dg.MaterializeResult:
-    """Write the partition's table atomically and describe it with the timing metadata of DESIGN.md."""
+    """Describe the partition's file, written by ``written``, with the timing metadata of DESIGN.md."""
     asset = context.asset_key.to_user_string()
     partition = context.partition_key
-    uri = storage.store().write(asset, partition, table)
     metadata: dict[str, object] = {
         "stage_seconds": round(report.stage_seconds, 4),
         "pages_per_second": round(report.pages_per_second, 2),
@@ -53,15 +57,15 @@ def publish(
     metadata.update({f"{part}_seconds": round(sec, 4) for part, sec in sorted(report.parts.items())})
     metadata.update({name: int(n) for name, n in sorted(report.counts.items())})
     metadata.update(report.info)
-    metadata["dagster/row_count"] = table.num_rows
+    metadata["dagster/row_count"] = written.rows
     metadata["dagster/column_schema"] = dg.TableSchema(
-        columns=[dg.TableColumn(field.name, str(field.type)) for field in table.schema]
+        columns=[dg.TableColumn(field.name, str(field.type)) for field in written.schema]
     )
-    metadata["uri"] = dg.MetadataValue.path(uri)
+    metadata["uri"] = dg.MetadataValue.path(written.uri)
     metadata.update(extra or {})
     progress.info(
         "%-11s %s: %d rows, %d pages in %.2fs (%.1f pages/s)",
-        asset, partition, table.num_rows, report.pages, report.stage_seconds, report.pages_per_second,
+        asset, partition, written.rows, report.pages, report.stage_seconds, report.pages_per_second,
     )
     check_results = [
         dg.AssetCheckResult(check_name=name, passed=bool(passed), metadata=meta)
@@ -72,6 +76,16 @@ def publish(
         metadata[FAILED_BLOCKING_CHECKS] = sum(1 for name, (passed, _) in checks.items()
                                                if name in blocking and not passed)
     return dg.MaterializeResult(metadata=metadata, check_results=check_results)
+
+
+def _texts(store: ParquetStore, asset: str, key: str, column: str, wanted: int) -> list[str]:
+    """The first ``wanted`` non-blank values of a text column, read a batch at a time."""
+    found: list[str] = []
+    for batch in store.batches(asset, key, columns=[column]):
+        found += [t for t in batch.column(0).to_pylist() if t and t.strip()][: wanted - len(found)]
+        if len(found) >= wanted:
+            break
+    return found
 
 
 # One partition per run, in backfills too: per-partition retries, metadata and parallel runs;
@@ -88,7 +102,8 @@ def _check(name: str, asset: str, description: str, blocking: bool = False) -> d
 
 
 @dg.asset(**COMMON, kinds={"parquet", "python"}, code_version=code_version("pages"), check_specs=[
-    _check("every_source_row", "pages", "One row per source row of the shard (blocks the GPU stages).", True),
+    _check("every_source_row", "pages", "Every source row of the shard has its pages, and no page lies outside "
+           "the shard (blocks the GPU stages).", True),
 ])
 def pages(
     context: dg.AssetExecutionContext,
@@ -97,18 +112,24 @@ def pages(
     layout_model: LayoutResource,
     recognizer: RecognizerResource,
 ):
-    """One row per source row of the shard: image format and size read from the header bytes, status, error.
+    """One row per page of every source row (a PDF's pages, a list's images): format and size read
+    from headers and page boxes, without decoding, status, error.
 
     Runs first, so it checks the whole configuration first: a bad layout backend or model
     folder, or a VLM server that does not answer, fails here, before any GPU work.
     """
     layout_model.preflight()
     recognizer.preflight()
-    shard = dataset.open(context.partition_key)
-    table, report = extract_pages(shard)
-    source_rows = dataset.source_rows(context.partition_key)
-    return publish(context, storage, table, report,
-                   checks={"every_source_row": checks.every_source_row(table, source_rows)})
+    store, key = storage.store(), context.partition_key
+    shard = dataset.open(key)
+    try:
+        with store.writer("pages", key, PAGES) as written:
+            _, report = extract_pages(shard, sink=written.write, report=StageReport(label=f"pages {key}"))
+    finally:
+        shard.close()
+    rows = store.read("pages", key, columns=["row", "page"])
+    return publish(context, written, report, checks={
+        "every_source_row": checks.every_source_row_has_pages(rows, dataset.source_rows(key))})
 
 
 @dg.asset(**COMMON, kinds={"parquet", "pytorch", "onnx"}, code_version=code_version("layout"), deps=[pages],
@@ -127,29 +148,49 @@ def layout(
     Ink that no layout box covers is recovered as extra text regions, so no text is lost.
     Runs in the `gpu` concurrency pool; its metadata shows one page with its boxes drawn.
     """
-    store = storage.store()
-    pages_table = store.read("pages", context.partition_key)
+    store, key = storage.store(), context.partition_key
+    pages_table = store.read("pages", key, columns=["page_id", "row", "page", "status"])
     backend, load_seconds = layout_model.load()
-    shard = dataset.open(context.partition_key)
-    table, report = run_layout(
-        pages_table, shard.image_at, backend, recover_text=layout_model.recover_text,
-        report=StageReport(label=f"layout {context.partition_key}"),
-    )
-    return publish(context, storage, table, report, model_load_seconds=load_seconds,
-                   checks={"page_error_rate": checks.layout_page_error_rate(pages_table, table)},
-                   extra=_layout_preview(context, store, shard, pages_table, table))
+    shard = dataset.open(key)
+    try:
+        with store.writer("layout", key, layout_schema(backend.keep_polygons)) as written:
+            _, report = run_layout(pages_table, shard, backend, recover_text=layout_model.recover_text,
+                                   report=StageReport(label=f"layout {key}"), sink=written.write)
+        preview = _layout_preview(context, store, shard, pages_table)
+    finally:
+        shard.close()
+    regions = store.read("layout", key, columns=["page_id", "region", "status"])
+    return publish(context, written, report, model_load_seconds=load_seconds,
+                   checks={"page_error_rate": checks.layout_page_error_rate(pages_table, regions)},
+                   extra=preview)
 
 
-def _layout_preview(context, store, shard, pages_table: pa.Table, layout_table: pa.Table) -> dict:
+def _first_page_regions(store: ParquetStore, key: str) -> tuple[str, list[dict]] | None:
+    """The first page with ok regions and those regions, read from the layout file a batch at a time."""
+    columns = ["page_id", "task", "source", "x0", "y0", "x1", "y1", "status"]
+    page_id, regions = None, []
+    for batch in store.batches("layout", key, columns=columns):
+        for row in batch.filter(pc.equal(batch.column("status"), "ok")).to_pylist():
+            if page_id is None:
+                page_id = row["page_id"]
+            elif row["page_id"] != page_id:  # a page's rows are contiguous: this page is complete
+                return page_id, regions
+            regions.append(row)
+    return (page_id, regions) if page_id is not None else None
+
+
+def _layout_preview(context, store: ParquetStore, shard: Shard, pages_table: pa.Table) -> dict:
     """The first page that has regions, drawn with its boxes, saved beside the outputs and shown inline."""
     try:
-        ok = layout_table.filter(pc.equal(layout_table.column("status"), "ok"))
-        if not ok.num_rows:
+        found = _first_page_regions(store, context.partition_key)
+        if found is None:
             return {}
-        page_id = ok.column("page_id")[0].as_py()
-        regions = ok.filter(pc.equal(ok.column("page_id"), page_id)).to_pylist()
-        row = pages_table.filter(pc.equal(pages_table.column("page_id"), page_id)).column("row")[0].as_py()
-        picture = layout_picture(decode_page(shard.image_at(row)), [(r["x0"], r["y0"], r["x1"], r["y1"]) for r in regions],
+        page_id, regions = found
+        where = pages_table.filter(pc.equal(pages_table.column("page_id"), page_id))
+        (pixels,) = shard.read_pages([(where.column("row")[0].as_py(), where.column("page")[0].as_py())])
+        if isinstance(pixels, Exception):
+            raise pixels
+        picture = layout_picture(decode_page(pixels), [(r["x0"], r["y0"], r["x1"], r["y1"]) for r in regions],
                                  [r["task"] for r in regions], [r["source"] for r in regions])
         uri = store.write_file("layout_previews", context.partition_key, picture, ".jpg")
     except Exception as exc:  # a preview must never fail the stage
@@ -167,12 +208,17 @@ def crops(
     recognizer: RecognizerResource,
 ):
     """One row per region: the region's image, sliced from the page decoded once, encoded once."""
-    store = storage.store()
-    layout_table = store.read("layout", context.partition_key)
-    pages_table = store.read("pages", context.partition_key)
-    shard = dataset.open(context.partition_key)
-    table, report = make_crops(layout_table, shard.image_at, pages_table, fmt=recognizer.stored_crop_format())
-    return publish(context, storage, table, report)
+    store, key = storage.store(), context.partition_key
+    pages_table = store.read("pages", key, columns=["page_id", "row", "page"])
+    shard = dataset.open(key)
+    try:
+        with store.writer("crops", key, CROPS) as written:
+            _, report = make_crops(store.batches("layout", key, columns=CROP_LAYOUT_COLUMNS), shard, pages_table,
+                                   fmt=recognizer.stored_crop_format(), report=StageReport(label=f"crops {key}"),
+                                   sink=written.write)
+    finally:
+        shard.close()
+    return publish(context, written, report)
 
 
 @dg.asset(**COMMON, kinds={"parquet", "onnx"}, code_version=code_version("recognition"), deps=[crops], pool="vlm",
@@ -186,18 +232,19 @@ def recognition(context: dg.AssetExecutionContext, storage: StorageResource, rec
     Answers are cached next to the outputs: a re-run (after a crash, or a backfill over the
     same data) reads only the regions not read before. Runs in the `vlm` concurrency pool.
     """
-    store = storage.store()
-    crops_table = store.read("crops", context.partition_key)
+    store, key = storage.store(), context.partition_key
     backend, load_seconds = recognizer.load()
-    cache = RecognitionCache(store, context.partition_key) if recognizer.cache else None
-    table, report = run_recognition(
-        crops_table, backend, cache=cache, report=StageReport(label=f"recognition {context.partition_key}")
-    )
+    cache = RecognitionCache(store, key) if recognizer.cache else None
+    with store.writer("recognition", key, RECOGNITION) as written:
+        _, report = run_recognition(
+            store.batches("crops", key), backend, cache=cache, rows=store.num_rows("crops", key),
+            report=StageReport(label=f"recognition {key}"), sink=written.write,
+        )
     report.info.update(backend.run_metadata())
-    texts = [t for t in table.column("text").to_pylist() if t and t.strip()][:12]
+    texts = _texts(store, "recognition", key, "text", 12)
     return publish(
-        context, storage, table, report, model_load_seconds=load_seconds,
-        checks={"error_rate": checks.error_rate(table),
+        context, written, report, model_load_seconds=load_seconds,
+        checks={"error_rate": checks.error_rate(store.read("recognition", key, columns=["region", "status"])),
                 "empty_text_rate": checks.empty_text_rate(report.counts.get("recognized", 0),
                                                           report.counts.get("empty_text", 0))},
         extra={"preview": dg.MetadataValue.md("\n\n".join(f"- {markdown_excerpt(t, 300)}" for t in texts))}
@@ -207,21 +254,26 @@ def recognition(context: dg.AssetExecutionContext, storage: StorageResource, rec
 
 @dg.asset(**COMMON, kinds={"parquet", "markdown"}, code_version=code_version("documents"),
           deps=[pages, layout, recognition], check_specs=[
-    _check("every_source_row", "documents", "One document per source row of the shard."),
+    _check("every_source_row", "documents", "One document per source row of the shard, each row once."),
     _check("page_error_rate", "documents", "Documents whose status is error, under OCR_ASSETS_MAX_PAGE_ERROR_RATE."),
 ])
 def documents(context: dg.AssetExecutionContext, dataset: DatasetResource, storage: StorageResource):
-    """One row per source row: the page's Markdown in reading order, its regions as JSON, and a status."""
-    store = storage.store()
-    key = context.partition_key
-    pages_table = store.read("pages", key)
-    table, report = assemble_documents(pages_table, store.read("layout", key), store.read("recognition", key))
-    first = next((m for m in table.column("markdown").to_pylist() if m and m.strip()), None)
+    """One row per source row: its pages' Markdown in order (a `<!-- page N -->` line between pages),
+    each page's Markdown, its regions as JSON, and a status over its pages."""
+    store, key = storage.store(), context.partition_key
+    with store.writer("documents", key, DOCUMENTS) as written:
+        _, report = assemble_documents(
+            store.read("pages", key), store.batches("layout", key, columns=LAYOUT_COLUMNS),
+            store.batches("recognition", key, columns=RECOGNITION_COLUMNS),
+            report=StageReport(label=f"documents {key}"), sink=written.write,
+        )
+    rows = store.read("documents", key, columns=["row", "status"])
+    first = _texts(store, "documents", key, "markdown", 1)
     return publish(
-        context, storage, table, report,
-        checks={"every_source_row": checks.every_source_row(table, dataset.source_rows(key)),
-                "page_error_rate": checks.documents_page_error_rate(table)},
-        extra={"preview": dg.MetadataValue.md(markdown_excerpt(first))} if first else None,
+        context, written, report,
+        checks={"every_source_row": checks.one_row_per_source_row(rows, dataset.source_rows(key)),
+                "page_error_rate": checks.documents_page_error_rate(rows)},
+        extra={"preview": dg.MetadataValue.md(markdown_excerpt(first[0]))} if first else None,
     )
 
 

@@ -21,18 +21,37 @@ def _rate(name: str, default: float) -> float:
     return config.env_number(name, default, float, low=0, high=1)
 
 
-def every_source_row(table: pa.Table, source_rows: int) -> tuple[bool, dict]:
-    """One row per source row of the shard, each row number exactly once.
+def _rows_in_shard(rows: pa.ChunkedArray | pa.Array, source_rows: int) -> tuple[int, int]:
+    """(distinct row numbers within 0 .. source_rows - 1, table rows whose row number lies outside)."""
+    inside = pc.and_(pc.greater_equal(rows, 0), pc.less(rows, source_rows)).fill_null(False)
+    kept = rows.filter(inside)
+    return (pc.count_distinct(kept).as_py() if len(kept) else 0), len(rows) - len(kept)
 
-    ``source_rows`` is the shard's row count as its file declares it (``dataset.source_row_count``),
-    read apart from the table, so a stage that loses or repeats rows fails the check.
+
+def every_source_row_has_pages(pages: pa.Table, source_rows: int) -> tuple[bool, dict]:
+    """Every source row of the shard has at least one page row, no page row points outside the
+    shard, and no (row, page) is there twice: for the `pages` asset, where a row may hold many pages.
+
+    ``pages`` needs the ``row`` and ``page`` columns only. ``source_rows`` is the shard's row count
+    as its file declares it (``sources.source_row_count``), read apart from the table, so a stage
+    that loses or repeats rows fails the check.
     """
-    rows = table.column("row")
-    distinct = pc.count_distinct(rows).as_py() if table.num_rows else 0
-    missing = source_rows - distinct
-    in_range = table.num_rows == 0 or (pc.min(rows).as_py() >= 0 and pc.max(rows).as_py() < source_rows)
-    return table.num_rows == source_rows == distinct and in_range, {
-        "source_rows": source_rows, "rows": table.num_rows, "missing_rows": missing,
+    distinct, outside = _rows_in_shard(pages.column("row"), source_rows)
+    repeated = pages.num_rows - (pages.group_by(["row", "page"]).aggregate([]).num_rows if pages.num_rows else 0)
+    return distinct == source_rows and outside == 0 and repeated == 0, {
+        "source_rows": source_rows, "pages": pages.num_rows, "missing_rows": source_rows - distinct,
+        "rows_outside_the_shard": outside, "repeated_pages": repeated,
+    }
+
+
+def one_row_per_source_row(table: pa.Table, source_rows: int) -> tuple[bool, dict]:
+    """One row per source row of the shard, each row number exactly once: for `documents`.
+
+    ``table`` needs the ``row`` column only; ``source_rows`` as for ``every_source_row_has_pages``.
+    """
+    distinct, outside = _rows_in_shard(table.column("row"), source_rows)
+    return table.num_rows == source_rows == distinct and outside == 0, {
+        "source_rows": source_rows, "rows": table.num_rows, "missing_rows": source_rows - distinct,
     }
 
 
@@ -44,7 +63,9 @@ def _page_error_rate(failed: int, pages: int) -> tuple[bool, dict]:
 
 
 def layout_page_error_rate(pages: pa.Table, layout: pa.Table) -> tuple[bool, dict]:
-    """Share of the shard's pages with no layout (failed in `pages`, or a page error at `layout`)."""
+    """Share of the shard's pages (PAGES rows, however many a source row holds) with no layout:
+    failed in `pages`, or a page error at `layout`. Reads page_id and status of ``pages``, and
+    page_id, region and status of ``layout``."""
     failed = set(pages.filter(pc.equal(pages.column("status"), "error")).column("page_id").to_pylist())
     page_errors = layout.filter(pc.and_(pc.equal(layout.column("region"), PAGE_ERROR_REGION),
                                         pc.equal(layout.column("status"), "error")))
@@ -53,7 +74,7 @@ def layout_page_error_rate(pages: pa.Table, layout: pa.Table) -> tuple[bool, dic
 
 
 def documents_page_error_rate(documents: pa.Table) -> tuple[bool, dict]:
-    """Share of the shard's documents whose status is ``error``."""
+    """Share of the shard's documents (one per source row) whose status is ``error``; reads ``status``."""
     failed = pc.sum(pc.equal(documents.column("status"), "error")).as_py() or 0
     return _page_error_rate(failed, documents.num_rows)
 

@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("dir")
     sample.add_argument("--pages", type=int, default=16)
     sample.add_argument("--shards", type=int, default=2)
+    sample.add_argument("--no-documents", action="store_true",
+                        help="leave out the two shards of multi-page rows (PDFs, lists of images)")
 
     run = sub.add_parser("run", help="materialize the assets for every shard (or the ones given)")
     run.add_argument("--partition", action="append", default=[], metavar="KEY",
@@ -51,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sample":
         from ocr_assets.sample import write_sample
 
-        path = write_sample(args.dir, pages=args.pages, shards=args.shards)
-        print(f"wrote {args.pages} sample pages in {args.shards} shards to {path}")
+        path = write_sample(args.dir, pages=args.pages, shards=args.shards, documents=not args.no_documents)
+        more = "" if args.no_documents else " and 2 shards of multi-page rows (PDFs, lists of images)"
+        print(f"wrote {args.pages} sample pages in {args.shards} shards{more} to {path}")
         return 0
     return run_pipeline(args.partition, [s.strip() for s in args.select.split(",") if s.strip()])
 
@@ -167,7 +170,7 @@ def prune_cache(partitions: list[str]) -> int:
     total_kept = total_dropped = 0
     for key in keys:
         try:
-            reachable = reachable_keys(store.read("crops", key), recognizer)
+            reachable = reachable_keys(store.batches("crops", key), recognizer)  # a batch of crops at a time
         except StorageError:
             reachable = set()  # no crops any more: nothing can reach these answers
         kept, dropped = prune(store, key, reachable)
@@ -224,7 +227,8 @@ def release_dead_runs(instance) -> list[str]:
 def _add_to_summary(summary: dict[str, dict[str, float]], asset: str, metadata) -> None:
     row = summary.setdefault(asset, {})
     row["partitions"] = row.get("partitions", 0) + 1
-    for name in ("stage_seconds", "model_load_seconds", "pages", "regions", "errors", "dagster/row_count"):
+    for name in ("stage_seconds", "model_load_seconds", "pages", "regions", "errors", "dagster/row_count",
+                 "source_rows"):
         if name in metadata:
             row[name] = row.get(name, 0) + float(metadata[name].value)
 
@@ -243,6 +247,15 @@ def _print_summary(summary: dict[str, dict[str, float]], wall: float) -> None:
         rate = pages / seconds if seconds > 0 else 0.0
         print(f"{asset:<12}{int(row['partitions']):>6}{int(pages):>8}{int(row.get('dagster/row_count', 0)):>9}"
               f"{int(row.get('errors', 0)):>8}{seconds:>10.2f}{rate:>10.1f}{row.get('model_load_seconds', 0.0):>8.2f}")
+    counts = []
+    if "pages" in summary:  # a source row may hold many pages (a PDF, a list of images)
+        pages = summary["pages"]
+        counts.append(f"{int(pages.get('dagster/row_count', 0))} pages from "
+                      f"{int(pages.get('source_rows', 0))} source rows")
+    if "documents" in summary:  # one document per source row
+        counts.append(f"{int(summary['documents'].get('dagster/row_count', 0))} documents")
+    if counts:
+        print("; ".join(counts))
     print(f"wall time {wall:.1f}s")
 
 

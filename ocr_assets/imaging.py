@@ -24,14 +24,24 @@ def check_pixels(width: int, height: int, cap: int | None = None) -> None:
 
 
 def decode_page(data: bytes | memoryview | np.ndarray) -> np.ndarray:
-    """Decode encoded image bytes to a BGR uint8 array (H, W, 3) with cv2, without copying the input.
+    """A page's BGR uint8 array (H, W, 3), from its encoded bytes (decoded with cv2, without
+    copying the input) or from an array already decoded (a rendered PDF page, a TIFF frame),
+    returned as it is.
 
     cv2 turns the page upright by its EXIF orientation (JPEG, PNG, WebP, TIFF); ``read_header``
     reports that upright size, and the GPU decode path turns its pages the same way.
 
-    The header is read first: an image declaring more pixels than OCR_ASSETS_MAX_PIXELS is
-    refused before anything is allocated for it.
+    Either way a page of more pixels than OCR_ASSETS_MAX_PIXELS is refused; encoded bytes are
+    refused from their header, before anything is allocated for the page.
     """
+    if isinstance(data, np.ndarray) and data.ndim != 1:
+        if data.ndim != 3 or data.shape[2] != 3 or data.dtype != np.uint8:
+            raise ImageDecodeError(f"a decoded page must be a BGR uint8 array (H, W, 3), not "
+                                   f"{data.dtype} {data.shape}")
+        if data.shape[0] == 0 or data.shape[1] == 0:
+            raise ImageDecodeError(f"empty page array {data.shape}")
+        check_pixels(data.shape[1], data.shape[0])
+        return data
     buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
     if buf.size == 0:
         raise ImageDecodeError("empty image bytes")

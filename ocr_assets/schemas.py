@@ -14,7 +14,8 @@ PAGE_ERROR_REGION = -1
 PAGES = pa.schema([
     ("page_id", pa.string()),
     ("shard", pa.string()),
-    ("row", pa.int64()),
+    ("row", pa.int64()),  # the source row (dataset row, WebDataset sample) the page is in
+    ("page", pa.int32()),  # the page's index within its source row, 0-based
     ("format", pa.string()),
     ("width", pa.int32()),
     ("height", pa.int32()),
@@ -68,12 +69,14 @@ RECOGNITION = pa.schema([
 ])
 
 DOCUMENTS = pa.schema([
-    ("page_id", pa.string()),
+    ("page_id", pa.string()),  # the source row's id
     ("shard", pa.string()),
     ("row", pa.int64()),
+    ("pages", pa.int32()),  # the row's page count
     ("status", pa.string()),
-    ("markdown", pa.string()),
-    ("regions", pa.string()),  # JSON list: region, label, task, box, text, status
+    ("markdown", pa.string()),  # every page in order, each after a "<!-- page N -->" line but the first
+    ("page_markdown", pa.list_(pa.string())),  # one Markdown per page, in page order
+    ("regions", pa.string()),  # JSON list over the row's pages: page, region, label, task, box, text, status
     ("error", pa.string()),
 ])
 

@@ -7,7 +7,7 @@ from datasets import load_from_disk
 
 from ocr_assets.backends.layout import create_layout_backend
 from ocr_assets.backends.recognition import create_recognizer
-from ocr_assets.dataset import list_shards, open_shard
+from ocr_assets.sources import list_shards, open_shard
 from ocr_assets.evaluation import corpus_word_scores
 from ocr_assets.imaging import decode_page
 from ocr_assets.stages.crops import make_crops
@@ -28,12 +28,12 @@ def outputs(sample_dataset):
     for ref in list_shards(sample_dataset):
         shard = open_shard(sample_dataset, ref.key, id_column="id")
         pages, _ = extract_pages(shard)
-        layout, _ = run_layout(pages, shard.image_at, backend)
-        crops, _ = make_crops(layout, shard.image_at, pages)
+        layout, _ = run_layout(pages, shard, backend)
+        crops, _ = make_crops(layout, shard, pages)
         recognition, _ = run_recognition(crops, recognizer)
         documents, _ = assemble_documents(pages, layout, recognition)
         for page_id, row, markdown in zip(*documents.select(["page_id", "row", "markdown"]).to_pydict().values()):
-            whole = recognizer.recognize_page(decode_page(shard.image_at(row)))
+            whole = recognizer.recognize_page(decode_page(shard.read_pages([(row, 0)])[0]))
             rows.append((markdown, whole, truth[page_id]))
     return rows
 
@@ -58,8 +58,8 @@ def test_recovery_is_what_keeps_recall(sample_dataset, outputs):
     ref = list_shards(sample_dataset)[0]
     shard = open_shard(sample_dataset, ref.key)
     pages, _ = extract_pages(shard)
-    with_recovery, report = run_layout(pages, shard.image_at, backend, recover_text=True)
-    without, _ = run_layout(pages, shard.image_at, backend, recover_text=False)
+    with_recovery, report = run_layout(pages, shard, backend, recover_text=True)
+    without, _ = run_layout(pages, shard, backend, recover_text=False)
     recovered = with_recovery.filter(with_recovery.column("source").to_numpy(zero_copy_only=False) == "recovered")
     assert with_recovery.num_rows == without.num_rows + recovered.num_rows
     assert report.counts["recovered_regions"] == recovered.num_rows

@@ -29,6 +29,7 @@ def test_run_one_partition_into_a_persistent_instance(small_dataset, tmp_path):
     for stage in ("pages", "layout", "crops", "recognition", "documents"):
         assert f"\n{stage}" in out  # one summary row per stage
     assert "[1/1] shard data-00001-of-00002" in out
+    assert "\n2 pages from 2 source rows; 2 documents\n" in out  # a source row may hold many pages
     documents = pq.read_table(tmp_path / "out" / "documents" / "data-00001-of-00002.parquet")
     assert documents.num_rows == 2
     # The runs are in the instance, so `dagster dev` on the same DAGSTER_HOME shows them.
@@ -120,3 +121,5 @@ def test_sample_command_writes_shards(tmp_path):
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (tmp_path / "s").glob("*.arrow")) == [
         "data-00000-of-00002.arrow", "data-00001-of-00002.arrow"]
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.parquet")) == [
+        "documents-multipage.parquet", "documents-pdf.parquet"]

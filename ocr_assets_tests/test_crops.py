@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ocr_assets.imaging import decode_page
 from ocr_assets.schemas import CROPS, LAYOUT, PAGE_ERROR_REGION, PAGES
 from ocr_assets.stages.crops import make_crops
+from ocr_assets_tests.memory_shard import MemoryShard
 
 
 def _page() -> np.ndarray:
@@ -31,7 +32,7 @@ def _layout_row(page_id, region, task, box, status="ok", error=None):
 
 def _pages_table(ids):
     return pa.Table.from_pylist(
-        [dict(page_id=p, shard="s", row=i, format="png", width=600, height=400, nbytes=1, status="ok",
+        [dict(page_id=p, shard="s", row=i, page=0, format="png", width=600, height=400, nbytes=1, status="ok",
               error=None) for i, p in enumerate(ids)],
         schema=PAGES,
     )
@@ -47,7 +48,7 @@ def test_crops_match_page_slices_and_pass_through_errors():
     rows.append(_layout_row("c", PAGE_ERROR_REGION, "skip", (0, 0, 0, 0), "error", "layout failed: boom"))
     layout = pa.Table.from_pylist(rows, schema=LAYOUT)
 
-    table, report = make_crops(layout, lambda row: encoded[row], _pages_table(["a", "b", "c"]), padding=4)
+    table, report = make_crops(layout, MemoryShard(encoded), _pages_table(["a", "b", "c"]), padding=4)
 
     assert table.schema == CROPS
     got = table.to_pylist()
@@ -72,7 +73,7 @@ def test_jpeg_crops_and_missing_pages():
         [_layout_row("a", 0, "text", (40, 40, 400, 80)), _layout_row("zz", 0, "text", (0, 0, 5, 5))],
         schema=LAYOUT,
     )
-    table, _ = make_crops(layout, lambda row: encoded, {"a": 0}, fmt="jpeg", padding=0)
+    table, _ = make_crops(layout, MemoryShard([encoded]), {"a": (0, 0)}, fmt="jpeg", padding=0)
     a, missing = table.to_pylist()
     assert a["format"] == "jpeg" and a["image"][:2] == b"\xff\xd8"
     assert (a["width"], a["height"]) == (360, 40)
@@ -98,7 +99,7 @@ def test_a_short_answer_from_the_page_worker_gives_error_rows(monkeypatch):
 
     layout, encoded = _two_pages()
     monkeypatch.setattr(crops, "_page_crops", drops_the_last_region)
-    table, report = make_crops(layout, lambda row: encoded[row], _pages_table(["a", "b"]))
+    table, report = make_crops(layout, MemoryShard(encoded), _pages_table(["a", "b"]))
     got = table.to_pylist()
     assert [r["status"] for r in got] == ["ok"] * 3 + ["error"] * 3
     for r in got[3:]:  # no ok row with an empty image: each says why
@@ -119,7 +120,7 @@ def test_a_page_worker_that_raises_fails_only_its_own_regions(monkeypatch):
 
     layout, encoded = _two_pages()
     monkeypatch.setattr(crops, "_page_crops", breaks_on_b)
-    table, _ = make_crops(layout, lambda row: encoded[row], _pages_table(["a", "b"]))
+    table, _ = make_crops(layout, MemoryShard(encoded), _pages_table(["a", "b"]))
     got = table.to_pylist()
     assert [r["status"] for r in got] == ["ok"] * 3 + ["error"] * 3
     assert all("MemoryError: no room for this page" in r["error"] and r["image"] == b"" for r in got[3:])
@@ -128,7 +129,7 @@ def test_a_page_worker_that_raises_fails_only_its_own_regions(monkeypatch):
 def test_a_layout_error_row_never_becomes_an_ok_crop():
     # a page's -1 row that layout (wrongly) left ok: it has nothing to cut, so it is no ok crop
     row = _layout_row("a", PAGE_ERROR_REGION, "skip", (0, 0, 0, 0), status="ok")
-    table, _ = make_crops(pa.Table.from_pylist([row], schema=LAYOUT), lambda r: b"", _pages_table(["a"]))
+    table, _ = make_crops(pa.Table.from_pylist([row], schema=LAYOUT), MemoryShard([b""]), _pages_table(["a"]))
     (got,) = table.to_pylist()
     assert got["status"] == "error" and got["error"] and got["image"] == b""
 
@@ -136,7 +137,53 @@ def test_a_layout_error_row_never_becomes_an_ok_crop():
 def test_a_page_id_on_two_rows_is_refused_not_cut_from_the_wrong_page():
     import pytest
 
-    pages = pa.table({"page_id": ["doc", "doc"], "row": [0, 1]})
+    pages = pa.table({"page_id": ["doc", "doc"], "row": [0, 0], "page": [0, 1]})
     layout = pa.Table.from_pylist([_layout_row("doc", 0, "text", (0, 0, 10, 10))], schema=LAYOUT)
-    with pytest.raises(ValueError, match="page id 'doc' is on rows 0 and 1.*OCR_ASSETS_ID_COLUMN"):
-        make_crops(layout, lambda row: b"", pages)
+    with pytest.raises(ValueError, match="page id 'doc' is on row 0 page 0 and row 0 page 1.*OCR_ASSETS_ID_COLUMN"):
+        make_crops(layout, MemoryShard([[b"", b""]]), pages)
+
+
+def _pages_of(keys: dict) -> pa.Table:
+    return pa.Table.from_pylist(
+        [dict(page_id=p, shard="s", row=r, page=k, format="png", width=600, height=400, nbytes=1, status="ok",
+              error=None) for p, (r, k) in keys.items()],
+        schema=PAGES,
+    )
+
+
+def test_rendered_pages_and_pages_of_multi_page_rows_are_cut_from_the_right_page():
+    page = _page()
+    flipped = page[::-1].copy()
+    # row 0 holds two pages: a PNG and an array already decoded (a rendered PDF page)
+    shard = MemoryShard([[cv2.imencode(".png", page)[1].tobytes(), flipped]])
+    layout = pa.Table.from_pylist([_layout_row("d/0", 0, "text", (40, 40, 400, 80)),
+                                   _layout_row("d/1", 0, "text", (40, 40, 400, 80))], schema=LAYOUT)
+    table, report = make_crops(layout, shard, _pages_of({"d/0": (0, 0), "d/1": (0, 1)}), padding=0)
+    first, second = table.to_pylist()
+    np.testing.assert_array_equal(decode_page(first["image"]), page[40:80, 40:400])
+    np.testing.assert_array_equal(decode_page(second["image"]), flipped[40:80, 40:400])
+    assert shard.reads == [[(0, 0), (0, 1)]]  # one read for the group, each page once
+
+
+def test_crops_stream_groups_of_pages_from_layout_batches():
+    """Layout read in small record batches (a page's rows across batch edges): each group of pages is
+    read, cut and handed to the sink on its own, and the rows are those of the whole-table run."""
+    page = _page()
+    names = [f"p{i}" for i in range(5)]
+    shard = MemoryShard([cv2.imencode(".png", page[:, i * 10:].copy())[1].tobytes() for i in range(5)])
+    boxes = [(40, 40, 300, 80), (0, 110, 320, 160), (300, 200, 500, 380)]
+    layout = pa.Table.from_pylist(
+        [_layout_row(p, r, "text", box) for p in names for r, box in enumerate(boxes)]
+        + [_layout_row("p9", PAGE_ERROR_REGION, "skip", (0, 0, 0, 0), "error", "layout failed: boom")],
+        schema=LAYOUT,
+    )
+    pages = _pages_of({p: (i, 0) for i, p in enumerate(names)})
+    whole, whole_report = make_crops(layout, MemoryShard(shard.rows), pages)
+    seen: list[pa.Table] = []
+    table, report = make_crops(layout.to_batches(max_chunksize=2), shard, pages, sink=seen.append, group_pages=2)
+    assert table is None and pa.concat_tables(seen).equals(whole)
+    # groups of at most two whole pages: never every crop of the shard at once
+    assert [t.column("page_id").to_pylist() for t in seen] == [
+        ["p0"] * 3 + ["p1"] * 3, ["p2"] * 3 + ["p3"] * 3, ["p4"] * 3 + ["p9"]]
+    assert shard.reads == [[(0, 0), (1, 0)], [(2, 0), (3, 0)], [(4, 0)]]  # p9 failed at layout: nothing to read
+    assert report.pages == whole_report.pages == 6 and report.counts == whole_report.counts

@@ -78,7 +78,8 @@ def _broken() -> dict[str, bytes | None]:
     middle = len(good) // 2
     return {
         "empty": b"",
-        "text": b"%PDF-1.7 this is a text file, not an image\n" * 4,
+        "text": b"this is a text file, not an image\n" * 4,
+        "pdf_broken": b"%PDF-1.7 a PDF header over a text file\n" * 4,
         "png_truncated": png[: len(png) // 3],
         "jpeg_truncated": good[: len(good) // 3],
         "jpeg_random_middle": good[:middle] + np.random.default_rng(0).bytes(4000) + good[middle + 4000:],
@@ -136,7 +137,8 @@ def test_a_real_page_in_every_format_comes_out_with_its_text(documents):
 def test_every_broken_image_reaches_documents_with_a_reason(documents):
     rows, _ = documents
     expected = {  # a word the reason must hold
-        "empty": "empty", "text": "not an image", "png_truncated": "could not be decoded", "jpeg_truncated": "",
+        "empty": "empty", "text": "not an image", "pdf_broken": "PDF", "png_truncated": "could not be decoded",
+        "jpeg_truncated": "",
         "jpeg_random_middle": "", "png_gigapixel_header": config.ENV_MAX_PIXELS, "null": "no image",
     }
     for name, word in expected.items():
@@ -157,6 +159,21 @@ def test_a_gigapixel_header_is_refused_before_decoding(monkeypatch):
     monkeypatch.setenv(config.ENV_MAX_PIXELS, "100")
     with pytest.raises(ImageDecodeError, match="over the limit of 100"):
         decode_page(_save(Image.new("RGB", (20, 20)), "PNG"))
+
+
+def test_a_decoded_page_is_taken_as_it_is_within_the_pixel_limit(monkeypatch):
+    page = np.zeros((30, 20, 3), np.uint8)
+    assert decode_page(page) is page  # a rendered PDF page or a TIFF frame: no copy, no decode
+    monkeypatch.setenv(config.ENV_MAX_PIXELS, "500")
+    with pytest.raises(ImageDecodeError, match=f"20x30 = 600 pixels.*{config.ENV_MAX_PIXELS}"):
+        decode_page(page)
+    for wrong in (np.zeros((4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 3), np.float32),
+                  np.zeros((0, 4, 3), np.uint8)):
+        with pytest.raises(ImageDecodeError):
+            decode_page(wrong)
+    monkeypatch.delenv(config.ENV_MAX_PIXELS)
+    png = np.frombuffer(_SMALL["png"], np.uint8)  # a flat uint8 array is still encoded bytes
+    assert decode_page(png).shape == (200, 300, 3)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

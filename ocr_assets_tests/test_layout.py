@@ -16,6 +16,7 @@ from ocr_assets.backends.layout.base import Detection
 from ocr_assets.backends.layout.picodet_cdla import PicodetCdlaBackend
 from ocr_assets.stages.layout import run_layout
 from ocr_assets.stages.reading_order import order_detections, reading_order
+from ocr_assets_tests.memory_shard import MemoryShard
 
 SERIF = "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf"
 BOLD = "/usr/share/fonts/truetype/dejavu/DejaVuSerif-Bold.ttf"
@@ -142,7 +143,7 @@ def test_model_order_wins_and_recovered_regions_fill_geometric_slots():
 def _pages_table(n: int, status: list[str]) -> pa.Table:
     return pa.table({
         "page_id": [f"shard/{i}" for i in range(n)], "shard": ["shard"] * n, "row": list(range(n)),
-        "format": ["png"] * n, "width": [W] * n, "height": [H] * n, "nbytes": [0] * n,
+        "page": [0] * n, "format": ["png"] * n, "width": [W] * n, "height": [H] * n, "nbytes": [0] * n,
         "status": status, "error": [None] * n,
     }, schema=schemas.PAGES)
 
@@ -153,7 +154,8 @@ def test_run_layout_table(backend):
     images.insert(2, b"this is not an image")
     images.insert(3, images[0])  # status error: must be skipped
     pages = _pages_table(5, ["ok", "ok", "ok", "error", "ok"])
-    table, report = run_layout(pages, lambda row: images[row], backend)
+    shard = MemoryShard(images)
+    table, report = run_layout(pages, shard, backend)
 
     assert table.schema == schemas.LAYOUT
     by_page = table.group_by("page_id").aggregate([("region", "count")]).to_pydict()
@@ -177,3 +179,28 @@ def test_run_layout_table(backend):
     assert report.counts["regions"] == len(good) and report.counts["abandoned_regions"] >= 3
     assert report.info["backend"] == "picodet-cdla"
     assert {"decode", "preprocess", "inference", "postprocess", "recovery"} <= set(report.parts)
+    # pixels read one model batch at a time, the status-error page never
+    assert shard.reads == [[(0, 0), (1, 0)], [(2, 0), (4, 0)]]
+
+
+def test_run_layout_takes_rendered_pages_and_pages_of_multi_page_rows(backend):
+    """A row of two pages: a PNG and a page already decoded (as a rendered PDF page arrives); the
+    array is laid out as its PNG is, and rows go to the sink a batch of whole pages at a time."""
+    page, _ = render_page(6)
+    other, _ = render_page(7)
+    shard = MemoryShard([[cv2.imencode(".png", page)[1].tobytes(), other], other,
+                         ValueError("the PDF is truncated")])
+    pages = pa.table({"page_id": ["d/0", "d/1", "e", "f"], "row": [0, 0, 1, 2], "page": [0, 1, 0, 0],
+                      "status": ["ok"] * 4})
+    seen: list[pa.Table] = []
+    table, report = run_layout(pages, shard, backend, sink=seen.append, batch_rows=1)
+    assert table is None and shard.reads == [[(0, 0), (0, 1)], [(1, 0), (2, 0)]]
+    assert [sorted(set(t.column("page_id").to_pylist())) for t in seen] == [["d/0", "d/1"], ["e", "f"]]
+    rows = pa.concat_tables(seen).to_pylist()
+    boxes = {p: [(r["label"], r["x0"], r["y0"], r["x1"], r["y1"]) for r in rows if r["page_id"] == p]
+             for p in ("d/1", "e")}
+    assert boxes["d/1"] and boxes["d/1"] == boxes["e"]  # the same page, in the same row or alone
+    (failed,) = [r for r in rows if r["page_id"] == "f"]
+    assert failed["status"] == "error" and "could not be read" in failed["error"] and "truncated" in failed["error"]
+    whole, _ = run_layout(pages, shard, backend)
+    assert whole.equals(pa.concat_tables(seen))

@@ -16,6 +16,7 @@ from ocr_assets import config, schemas
 from ocr_assets.backends.layout.base import DeviceFault, Detection, PreparedPage
 from ocr_assets.stages import layout as layout_stage
 from ocr_assets.stages.layout import run_layout
+from ocr_assets_tests.memory_shard import MemoryShard
 
 
 class FakeBackend:
@@ -49,13 +50,13 @@ class FakeBackend:
 def _pages(names: list[str]) -> pa.Table:
     n = len(names)
     return pa.table({
-        "page_id": names, "shard": ["s"] * n, "row": list(range(n)), "format": ["png"] * n,
+        "page_id": names, "shard": ["s"] * n, "row": list(range(n)), "page": [0] * n, "format": ["png"] * n,
         "width": [100] * n, "height": [100] * n, "nbytes": [1] * n, "status": ["ok"] * n, "error": [None] * n,
     }, schema=schemas.PAGES)
 
 
 def _run(backend, names):
-    return run_layout(_pages(names), lambda row: names[row].encode(), backend, recover_text=False)
+    return run_layout(_pages(names), MemoryShard([name.encode() for name in names]), backend, recover_text=False)
 
 
 def _status(table: pa.Table) -> dict[str, str]:
@@ -145,3 +146,18 @@ def test_an_unanswered_page_fails_the_step(monkeypatch):
     monkeypatch.setattr(layout_stage, "_detect", lambda backend, images, page_ids, report: [])
     with pytest.raises(RuntimeError, match="unanswered"):
         _run(FakeBackend(4), ["a", "b"])
+
+
+def test_a_shard_that_cannot_read_at_all_fails_the_step_and_an_unreadable_page_fails_alone():
+    class BrokenShard(MemoryShard):
+        def read_pages(self, pages):
+            raise OSError("the shard file went away")
+
+    with pytest.raises(OSError, match="went away"):  # not a page's fault: no error rows for every page
+        run_layout(_pages(["a", "b"]), BrokenShard([b"a", b"b"]), FakeBackend(4), recover_text=False)
+    shard = MemoryShard([b"a", ValueError("page 3 of the PDF is damaged"), b"c"])
+    table, _ = run_layout(_pages(["a", "b", "c"]), shard, FakeBackend(2), recover_text=False)
+    rows = {r["page_id"]: r for r in table.to_pylist()}
+    assert _status(table) == {"a": "ok", "b": "error", "c": "ok"}
+    assert "could not be read from the dataset" in rows["b"]["error"] and "damaged" in rows["b"]["error"]
+    assert shard.reads == [[(0, 0), (1, 0)], [(2, 0)]]

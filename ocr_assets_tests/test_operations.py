@@ -58,10 +58,20 @@ def test_checks_pass_and_are_recorded(instance_with_runs):
 
 def test_check_functions_fail_where_they_should(monkeypatch):
     rows = pa.table({"row": [0, 1, 1]})
-    assert checks.every_source_row(rows, 3)[0] is False  # row 2 missing, row 1 twice
-    assert checks.every_source_row(pa.table({"row": [0, 1, 2]}), 3)[0] is True
-    assert checks.every_source_row(pa.table({"row": [0, 1, 2]}), 4)[0] is False  # the file has 4 rows
-    assert checks.every_source_row(pa.table({"row": [0, 1, 5]}), 3)[0] is False  # a row that is not there
+    assert checks.one_row_per_source_row(rows, 3)[0] is False  # row 2 missing, row 1 twice
+    assert checks.one_row_per_source_row(pa.table({"row": [0, 1, 2]}), 3)[0] is True
+    assert checks.one_row_per_source_row(pa.table({"row": [0, 1, 2]}), 4)[0] is False  # the file has 4 rows
+    assert checks.one_row_per_source_row(pa.table({"row": [0, 1, 5]}), 3)[0] is False  # a row that is not there
+    # pages: a row may hold several pages, but every row has one at least, each (row, page) once
+    pages = pa.table({"row": [0, 1, 1, 1, 2], "page": [0, 0, 1, 2, 0]})
+    assert checks.every_source_row_has_pages(pages, 3) == (True, {
+        "source_rows": 3, "pages": 5, "missing_rows": 0, "rows_outside_the_shard": 0, "repeated_pages": 0})
+    passed, meta = checks.every_source_row_has_pages(pages, 4)  # the file has 4 rows: row 3 has no page
+    assert not passed and meta["missing_rows"] == 1
+    passed, meta = checks.every_source_row_has_pages(pa.table({"row": [0, 1, 7], "page": [0, 0, 0]}), 3)
+    assert not passed and meta["missing_rows"] == 1 and meta["rows_outside_the_shard"] == 1
+    passed, meta = checks.every_source_row_has_pages(pa.table({"row": [0, 0, 1], "page": [0, 0, 0]}), 2)
+    assert not passed and meta["repeated_pages"] == 1
     pages = pa.table({"page_id": ["a", "b", "c", "d"], "status": ["ok", "error", "ok", "ok"]})
     layout = pa.table({"page_id": ["a", "c", "d"], "region": [0, -1, 0], "status": ["ok", "error", "ok"]})
     passed, meta = checks.layout_page_error_rate(pages, layout)  # b failed in pages, c at layout
@@ -102,8 +112,11 @@ def test_a_stage_that_loses_a_row_fails_every_source_row_and_stops_the_gpu_stage
     from ocr_assets import assets as assets_module
 
     real = assets_module.extract_pages
-    monkeypatch.setattr(assets_module, "extract_pages", lambda shard: (lambda t, r: (t.slice(0, t.num_rows - 1), r))(
-        *real(shard)))
+
+    def loses_a_row(shard, *, sink, **kwargs):  # every batch written but its last row
+        return real(shard, sink=lambda table: sink(table.slice(0, table.num_rows - 1)), **kwargs)
+
+    monkeypatch.setattr(assets_module, "extract_pages", loses_a_row)
     result = _materialize(small_dataset, tmp_path)
     assert not result.success and _checks(result) == {"pages/every_source_row": False}
     done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
@@ -114,8 +127,12 @@ def test_documents_that_lose_a_row_fail_every_source_row(small_dataset, tmp_path
     from ocr_assets import assets as assets_module
 
     real = assets_module.assemble_documents
-    monkeypatch.setattr(assets_module, "assemble_documents",
-                        lambda *a, **k: (lambda t, r: (t.slice(1), r))(*real(*a, **k)))
+
+    def loses_the_first_row(*args, sink, **kwargs):
+        tables = iter(range(1 << 30))
+        return real(*args, sink=lambda table: sink(table.slice(0 if next(tables) else 1)), **kwargs)
+
+    monkeypatch.setattr(assets_module, "assemble_documents", loses_the_first_row)
     result = _materialize(small_dataset, tmp_path)
     assert _checks(result)["documents/every_source_row"] is False
     assert _checks(result)["pages/every_source_row"] is True
@@ -195,7 +212,7 @@ def test_schedule_runs_only_missing_or_stale_partitions(instance_with_runs):
     assert dg.materialize(ASSETS[1:], partition_key=keys[0], instance=instance,
                           resources=_resources(dataset, storage)).success
     redo = stale_partitions(instance, keys, assets=changed)[keys[0]]
-    assert "code version 2-" in redo.reason and redo.reason.endswith("now 9")
+    assert f"code version {code_version('documents')}" in redo.reason and redo.reason.endswith("now 9")
     assert [a.to_user_string() for a in redo.assets] == ["documents"]  # not back to the GPU
 
 

@@ -7,15 +7,18 @@ import struct
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from ocr_assets.dataset import open_shard
 from ocr_assets.image_header import ImageHeaderError, read_header
 from ocr_assets.schemas import PAGES
+from ocr_assets.sources.base import DatasetError
 from ocr_assets.stages.pages import extract_pages
+from ocr_assets.storage import ParquetStore
+from ocr_assets_tests.memory_shard import MemoryShard
 
 # (PIL format, save options, expected format name)
 CASES = [
@@ -112,53 +115,80 @@ def test_random_bytes_give_a_header_or_an_image_header_error(prefix, tail):
     assert header.width > 0 and header.height > 0
 
 
-def _shard_with_rows(tmp_path, rows: list, ids: list[str] | None = None):
-    # Written with pyarrow in the `datasets` Image layout: datasets refuses rows with neither bytes nor path.
-    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    columns = {"image": pa.array(rows, image_type)} | ({} if ids is None else {"id": pa.array(ids, pa.string())})
-    table = pa.table(columns)
-    (tmp_path / "ds").mkdir()
-    with pa.ipc.new_stream(str(tmp_path / "ds" / "data-00000-of-00001.arrow"), table.schema) as writer:
-        writer.write_table(table)
-    return open_shard(str(tmp_path / "ds"), "data-00000-of-00001", id_column=None if ids is None else "id")
+def _bgr(width: int, height: int) -> np.ndarray:
+    return np.full((height, width, 3), 255, np.uint8)
 
 
-def test_extract_pages_turns_bad_rows_into_error_rows(tmp_path):
+def test_extract_pages_turns_bad_pages_into_error_rows(monkeypatch):
     png, jpeg, webp = _encode((64, 32), "PNG"), _encode((50, 20), "JPEG"), _encode((30, 31), "WEBP")
-    rows = [
-        {"bytes": png, "path": None},
-        {"bytes": b"", "path": None},
-        None,
-        {"bytes": b"hello", "path": None},
-        {"bytes": png[:20], "path": None},
-        {"bytes": jpeg, "path": None},
-        {"bytes": None, "path": None},
-        {"bytes": webp, "path": None},
-    ]
-    table, report = extract_pages(_shard_with_rows(tmp_path, rows))
+    monkeypatch.setenv("OCR_ASSETS_MAX_PIXELS", "100000")
+    rows = [png, b"", None, b"hello", png[:20], jpeg, ValueError("the PDF is encrypted"), webp, _bgr(400, 300)]
+    table, report = extract_pages(MemoryShard(rows, key="data-00000-of-00001"))
     assert table.schema == PAGES
     got = table.to_pylist()
-    assert [r["status"] for r in got] == ["ok", "error", "error", "error", "error", "ok", "error", "ok"]
-    assert [r["page_id"] for r in got] == [f"data-00000-of-00001/{i}" for i in range(8)]
+    assert [r["status"] for r in got] == ["ok", "error", "error", "error", "error", "ok", "error", "ok", "error"]
+    assert [r["page_id"] for r in got] == [f"data-00000-of-00001/{i}" for i in range(9)]
+    assert [r["row"] for r in got] == list(range(9)) and {r["page"] for r in got} == {0}
     assert got[0] | {"page_id": None} == {
-        "page_id": None, "shard": "data-00000-of-00001", "row": 0, "format": "png", "width": 64, "height": 32,
-        "nbytes": len(png), "status": "ok", "error": None,
+        "page_id": None, "shard": "data-00000-of-00001", "row": 0, "page": 0, "format": "png", "width": 64,
+        "height": 32, "nbytes": len(png), "status": "ok", "error": None,
     }
     assert (got[5]["format"], got[5]["width"], got[5]["height"]) == ("jpeg", 50, 20)
     assert (got[7]["format"], got[7]["width"], got[7]["height"]) == ("webp", 30, 31)
     assert got[1]["error"] == "empty image bytes" and got[1]["nbytes"] == 0
-    assert "null in column 'image'" in got[2]["error"] and got[2]["nbytes"] is None
+    assert "null" in got[2]["error"] and got[2]["nbytes"] is None
     assert got[3]["error"].startswith("not an image") and got[3]["format"] is None
     assert got[4]["error"].startswith("truncated PNG header") and got[4]["format"] == "png"
-    assert "null" in got[6]["error"]
-    assert all(r["width"] is None and r["height"] is None for r in got if r["status"] == "error")
-    assert report.pages == 8 and report.stage_seconds > 0 and "header" in report.parts
-    assert report.counts == {"pages": 8, "ok": 3, "errors": 5, "format_jpeg": 1, "format_png": 1, "format_webp": 1}
+    assert got[6]["error"] == "the PDF is encrypted"
+    # a page over OCR_ASSETS_MAX_PIXELS keeps the size it declared, and the reason names the setting
+    assert (got[8]["width"], got[8]["height"]) == (400, 300) and "OCR_ASSETS_MAX_PIXELS" in got[8]["error"]
+    assert all(r["width"] is None and r["height"] is None for r in got[1:7] if r["status"] == "error")
+    assert report.pages == 9 and report.stage_seconds > 0 and "header" in report.parts
+    assert report.counts == {"source_rows": 9, "multi_page_rows": 0, "pages": 9, "ok": 3, "errors": 6,
+                             "format_jpeg": 1, "format_png": 1, "format_webp": 1}
 
 
-def test_extract_pages_uses_the_id_column(tmp_path):
-    rows = [{"bytes": _encode((8, 8 + i), "PNG"), "path": None} for i in range(3)]
-    table, _ = extract_pages(_shard_with_rows(tmp_path, rows, ids=["a", "b", "c"]))
-    assert table.column("page_id").to_pylist() == ["a", "b", "c"]
-    assert table.column("height").to_pylist() == [8, 9, 10]
-    assert table.column("row").to_pylist() == [0, 1, 2]
+def test_pages_of_multi_page_rows_get_their_index_and_single_page_rows_keep_their_id():
+    png = _encode((8, 9), "PNG")
+    rows = [png, [png, None, _bgr(20, 10)], [png], png]
+    for ids, expected in (
+        (None, ["mem/0", "mem/1/0", "mem/1/1", "mem/1/2", "mem/2", "mem/3"]),
+        (["a", "b", "c", None], ["a", "b/0", "b/1", "b/2", "c", "mem/3"]),
+    ):
+        table, report = extract_pages(MemoryShard(rows, ids=ids))
+        assert table.column("page_id").to_pylist() == expected
+        assert table.column("row").to_pylist() == [0, 1, 1, 1, 2, 3]
+        assert table.column("page").to_pylist() == [0, 0, 1, 2, 0, 0]
+        assert table.column("status").to_pylist() == ["ok", "ok", "error", "ok", "ok", "ok"]
+        assert table.column("width").to_pylist()[3] == 20 and table.column("format").to_pylist()[3] == "pdf"
+        assert report.counts["source_rows"] == 4 and report.counts["multi_page_rows"] == 1
+        assert report.pages == 6
+
+
+def test_a_page_id_given_twice_is_refused_naming_the_id_column():
+    png = _encode((8, 8), "PNG")
+    # the id column says "a/1" for row 0, and row 1 ("a") has two pages: "a/0", "a/1"
+    shard = MemoryShard([png, [png, png]], ids=["a/1", "a"], id_column="doc")
+    with pytest.raises(DatasetError, match=r"'a/1'.*row 0 page 0 and row 1 page 1.*OCR_ASSETS_ID_COLUMN"):
+        extract_pages(shard)
+
+
+def test_extract_pages_streams_batches_to_a_sink():
+    png = _encode((8, 8), "PNG")
+    shard = MemoryShard([png, [png, png, png], png, [png, png]])
+    whole, _ = extract_pages(shard)
+    seen: list[pa.Table] = []
+    table, report = extract_pages(shard, sink=seen.append, batch_pages=3)
+    assert table is None and report.pages == 7
+    assert [t.num_rows for t in seen] == [3, 3, 1]
+    assert all(t.schema == PAGES for t in seen) and pa.concat_tables(seen).equals(whole)
+
+
+def test_a_sink_into_the_store_writes_row_groups(tmp_path):
+    png = _encode((8, 8), "PNG")
+    store = ParquetStore(str(tmp_path))
+    with store.writer("pages", "mem", PAGES, row_group_rows=2) as out:
+        _, report = extract_pages(MemoryShard([png] * 5), sink=out.write, batch_pages=2)
+    assert out.rows == 5 and out.uri.endswith("pages/mem.parquet")
+    assert pq.ParquetFile(tmp_path / "pages" / "mem.parquet").num_row_groups == 3
+    assert store.read("pages", "mem").column("page_id").to_pylist() == [f"mem/{i}" for i in range(5)]

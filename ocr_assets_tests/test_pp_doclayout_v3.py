@@ -30,6 +30,7 @@ from ocr_assets.resources import DatasetResource, LayoutResource, RecognizerReso
 from ocr_assets.sample import encode_page, render_page
 from ocr_assets.stages.layout import run_layout
 from ocr_assets.timing import StageReport
+from ocr_assets_tests.memory_shard import MemoryShard
 
 LABELS = list(config.PP_DOCLAYOUT_V3_LABELS)
 
@@ -239,24 +240,25 @@ def test_polygons_only_when_asked(checkpoint, page_bytes):
         assert len(xy) >= 4
         assert (xy[:, 0] >= d.x0 - 1).all() and (xy[:, 0] <= d.x1 + 1).all()
         assert (xy[:, 1] >= d.y0 - 1).all() and (xy[:, 1] <= d.y1 + 1).all()
-    table, _ = run_layout(_pages_table(["p0"]), lambda row: page_bytes["png"], slow, recover_text=False)
+    table, _ = run_layout(_pages_table(["p0"]), MemoryShard([page_bytes["png"]]), slow, recover_text=False)
     assert "polygon" in table.column_names
     assert all(p for p in table.column("polygon").to_pylist())
-    table, _ = run_layout(_pages_table(["p0"]), lambda row: page_bytes["png"], fast, recover_text=False)
+    table, _ = run_layout(_pages_table(["p0"]), MemoryShard([page_bytes["png"]]), fast, recover_text=False)
     assert "polygon" not in table.column_names
 
 
 def _pages_table(page_ids):
     import pyarrow as pa
 
-    return pa.table({"page_id": page_ids, "row": list(range(len(page_ids))), "status": ["ok"] * len(page_ids)})
+    n = len(page_ids)
+    return pa.table({"page_id": page_ids, "row": list(range(n)), "page": [0] * n, "status": ["ok"] * n})
 
 
 def test_run_layout_maps_labels_to_tasks_and_reports_its_parts(checkpoint, page_bytes):
     backend = PPDocLayoutV3Backend(checkpoint, device="cpu", dtype="float32", batch_size=2)
     blobs = [page_bytes["png"], page_bytes["jpeg"], b"not an image"]
     report = StageReport()
-    table, report = run_layout(_pages_table(["a", "b", "c"]), lambda row: blobs[row], backend, report=report)
+    table, report = run_layout(_pages_table(["a", "b", "c"]), MemoryShard(blobs), backend, report=report)
     rows = table.to_pylist()
     (bad,) = [r for r in rows if r["status"] != "ok"]
     assert bad["page_id"] == "c" and bad["status"] == "error" and "decoded" in bad["error"]
@@ -268,7 +270,7 @@ def test_run_layout_maps_labels_to_tasks_and_reports_its_parts(checkpoint, page_
             assert task != config.ABANDON and r["task"] == task
     # with nothing abandoned, both good pages have regions
     backend.label_tasks = {label: "text" for label in LABELS}
-    table, _ = run_layout(_pages_table(["a", "b", "c"]), lambda row: blobs[row], backend)
+    table, _ = run_layout(_pages_table(["a", "b", "c"]), MemoryShard(blobs), backend)
     assert {r["page_id"] for r in table.to_pylist() if r["status"] == "ok"} == {"a", "b"}
     assert {"decode", "preprocess", "inference", "postprocess"} <= set(report.parts)
     assert report.info["device"] == "cpu" and report.info["dtype"] == "float32"
@@ -278,7 +280,7 @@ def test_run_layout_maps_labels_to_tasks_and_reports_its_parts(checkpoint, page_
 def test_recovery_applies_to_this_backend(checkpoint, page_bytes):
     # nothing passes the threshold, so every line of text must come back as recovered regions
     blind = PPDocLayoutV3Backend(checkpoint, device="cpu", dtype="float32", conf_threshold=0.99)
-    table, report = run_layout(_pages_table(["a"]), lambda row: page_bytes["png"], blind)
+    table, report = run_layout(_pages_table(["a"]), MemoryShard([page_bytes["png"]]), blind)
     sources = set(table.column("source").to_pylist())
     assert sources == {"recovered"} and report.counts["recovered_regions"] >= 5
 
@@ -363,6 +365,15 @@ def test_the_device_decode_path_turns_pages_upright_and_keeps_no_full_page(backe
     assert (out[0].height, out[0].width) == (637, 825)  # orientation 6: the stored 637x825 page, turned
 
 
+def test_a_page_already_decoded_is_prepared_as_its_png(backend, page_bytes):
+    """A rendered PDF page arrives as a BGR array: taken as it is, the model input is the PNG's."""
+    array = decode_page(page_bytes["png"])
+    from_array, from_png = backend.prepare([array, page_bytes["png"]])
+    assert (from_array.height, from_array.width) == (from_png.height, from_png.width) == array.shape[:2]
+    np.testing.assert_array_equal(from_array.inputs, from_png.inputs)
+    assert from_array.image is array  # text recovery reads the page's own pixels, not a copy
+
+
 def test_cpu_prepare_gives_the_pages_table_size_for_a_turned_page(backend):
     for orientation in (1, 3, 6, 8):
         data = _exif_page(orientation)
@@ -397,6 +408,18 @@ def test_nvjpeg_turns_an_exif_page_as_cv2_does(checkpoint, backend, orientation)
     gray = cv2.cvtColor(upright, cv2.COLOR_BGR2GRAY).astype(np.float32)
     assert np.abs(page.image.astype(np.float32) - gray).mean() <= 2.0
     assert (page.inputs.permute(1, 2, 0).cpu().float() - torch.from_numpy(host.inputs).float()).abs().mean() <= 2.0
+
+
+@cuda
+def test_gpu_prepare_takes_decoded_pages_through_the_host_path(checkpoint, page_bytes):
+    gpu = PPDocLayoutV3Backend(checkpoint, device="cuda", batch_size=3)
+    array = decode_page(page_bytes["jpeg"])
+    from_array, from_png, from_jpeg = gpu.prepare([array, page_bytes["png"], page_bytes["jpeg"]])
+    assert all(p.inputs.is_cuda for p in (from_array, from_png, from_jpeg))
+    assert from_array.image is array and from_jpeg.image.ndim == 2  # host path keeps BGR; nvJPEG, gray
+    host = PPDocLayoutV3Backend(checkpoint, device="cpu", dtype="float32")
+    (expected,) = host.prepare([array])
+    assert torch.equal(from_array.inputs.permute(1, 2, 0).cpu(), torch.from_numpy(expected.inputs))
 
 
 @cuda

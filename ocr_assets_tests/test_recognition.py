@@ -104,8 +104,8 @@ def test_stage_schema_pass_through_and_counts(recognizer):
     assert (rows[2]["status"], rows[2]["error"]) == ("error", "empty box")
     assert "name" in rows[3]["text"].lower() and rows[3]["status"] == "ok"
     assert (rows[4]["status"], rows[4]["error"]) == ("error", "layout failed")
-    assert report.counts == {"regions": 4, "recognized": 2, "skipped": 1, "errors": 2, "empty_text": 0,
-                             "cache_hits": 0}
+    assert report.counts == {"regions": 4, "recognized": 2, "skipped": 1, "errors": 2, "region_errors": 1,
+                             "empty_text": 0, "cache_hits": 0}
     assert report.pages == 2 and report.parts["recognize"] > 0
 
 
@@ -172,3 +172,102 @@ def test_a_batch_that_fails_as_a_whole_is_read_in_halves():
     assert table.column("text").to_pylist()[:3] == ["png-0", "png-1", "png-2"]
     assert "on this crop alone: MemoryError" in table.column("error")[3].as_py()
     assert recognizer.calls == [4, 2, 2, 1, 1, 2]  # 4 fails; 0-1 ok; 2-3 fails; 2 ok, 3 fails alone; 4-5
+
+
+class ShufflingRecognizer(ForgetfulRecognizer):
+    """Keeps up to ``window`` crops in flight and answers them last first, as a server under load may."""
+
+    def __init__(self, window=5):
+        super().__init__()
+        self.window = window
+
+    def recognize_stream(self, items):
+        held = []
+        for key, crop in items:
+            held.append((key, crop))
+            if len(held) == self.window:
+                while held:
+                    key, crop = held.pop()
+                    yield key, Recognized(crop.image.decode(), cacheable=True)
+        while held:
+            key, crop = held.pop()
+            yield key, Recognized(crop.image.decode(), cacheable=True)
+
+
+def _mixed_crops(n: int) -> pa.Table:
+    """Text crops, with a skip crop every 7th row and a failed page's row every 11th."""
+    rows = []
+    for i in range(n):
+        row = dict(page_id=f"page-{i // 3}", region=i % 3, task="text", image=b"png-%d" % i, format="png",
+                   width=8, height=8, status="ok", error=None)
+        if i % 7 == 3:
+            row["task"] = "skip"
+        if i % 11 == 5:
+            row.update(region=PAGE_ERROR_REGION, task="skip", image=b"", status="error", error="layout failed")
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=CROPS)
+
+
+def test_batches_and_a_sink_give_the_table_in_order_written_as_it_goes():
+    crops = _mixed_crops(60)
+    expected, report = run_recognition(crops, ShufflingRecognizer(), chunk_rows=8)
+    assert expected.column("page_id").to_pylist() == crops.column("page_id").to_pylist()
+    texts = expected.column("text").to_pylist()
+    assert [texts[i] for i in range(60) if i % 7 != 3 and i % 11 != 5] == [
+        f"png-{i}" for i in range(60) if i % 7 != 3 and i % 11 != 5]
+
+    streamed, streamed_report = run_recognition(iter(crops.to_batches(max_chunksize=5)), ShufflingRecognizer(),
+                                                chunk_rows=8)
+    assert streamed.equals(expected) and streamed_report.counts == report.counts
+    assert streamed_report.pages == report.pages == 20
+
+    written: list[pa.Table] = []
+    result, _ = run_recognition(iter(crops.to_batches(max_chunksize=5)), ShufflingRecognizer(), chunk_rows=8,
+                                sink=written.append)
+    assert result is None and len(written) >= 5
+    assert all(t.num_rows >= 8 for t in written[:-1])  # whole chunks, not a call per row
+    assert pa.concat_tables(written).equals(expected)
+
+
+class CountingBatches:
+    """Record batches of a table, counting how many were taken so far."""
+
+    def __init__(self, table: pa.Table, rows: int):
+        self.batches, self.taken = table.to_batches(max_chunksize=rows), 0
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.taken += 1
+            yield batch
+
+
+def test_crops_are_read_a_batch_at_a_time_as_results_are_written():
+    """Over 40 batches, each write comes while only a few batches past it were read: images are
+    never all taken at once, whatever the shard's size."""
+    crops = _plain_crops(160)
+    source = CountingBatches(crops, 4)
+    taken_at_write: list[tuple[int, int]] = []  # (batches taken, rows written before this write)
+    written = 0
+
+    def sink(table: pa.Table) -> None:
+        nonlocal written
+        taken_at_write.append((source.taken, written))
+        written += table.num_rows
+
+    run_recognition(source, ShufflingRecognizer(window=6), chunk_rows=4, sink=sink)
+    assert written == 160 and len(taken_at_write) >= 20
+    assert taken_at_write[0][0] <= 3  # the first rows are out before the 4th of 40 batches is read
+    # at every write, the batches read reach at most a window's worth past what is written
+    assert all(taken * 4 - before <= 4 + 6 + 4 for taken, before in taken_at_write)
+
+
+def test_a_recognizer_that_stops_asking_leaves_its_rows_unanswered():
+    class Quitter(ForgetfulRecognizer):
+        def recognize_stream(self, items):
+            for n, (key, crop) in enumerate(items):
+                if n == 3:
+                    return
+                yield key, Recognized("text", cacheable=True)
+
+    with pytest.raises(RuntimeError, match=r"never answered 7 of 10 regions, on pages page-3, page-4"):
+        run_recognition(iter(_plain_crops(10).to_batches(max_chunksize=2)), Quitter())

@@ -176,3 +176,32 @@ def test_prune_keeps_what_the_current_settings_reach(tmp_path):
     assert prune(store, "s", keep) == (6, 0)
     assert prune(store, "s", set()) == (0, 6) and store.segment_files(CACHE_KIND, "s") == []
     assert prune(store, "never-run", keep) == (0, 0)
+
+
+def test_a_half_cached_rerun_streamed_from_the_crops_file_writes_the_same_file(serve, tmp_path):
+    """Crops read from a Parquet file a batch at a time, half of them cache hits (answered on the
+    recognizer's thread), the rest from a server: the written file is the table run's, row for row."""
+    import pyarrow.parquet as pq
+
+    async def handler(request, n, attempt):
+        await asyncio.sleep(0.01 * (n % 3))  # answers come back out of order
+        return completion(f"text-{n}")
+
+    server = serve(handler)
+    store = ParquetStore(str(tmp_path))
+    crops = crops_table(40)
+    pq.write_table(crops, tmp_path / "crops.parquet", row_group_size=8)
+    run_recognition(crops.filter(pa.array([i % 2 == 0 for i in range(40)])), recognizer(server),
+                    cache=RecognitionCache(store, "s"))
+    expected, _ = run_recognition(crops, recognizer(server))
+
+    sent = sum(server.calls.values())
+    batches = pq.ParquetFile(tmp_path / "crops.parquet").iter_batches(batch_size=5)
+    with pq.ParquetWriter(tmp_path / "recognition.parquet", expected.schema) as writer:
+        result, report = run_recognition(batches, recognizer(server), cache=RecognitionCache(store, "s"),
+                                         chunk_rows=4, sink=writer.write_table, rows=crops.num_rows)
+    assert result is None and report.counts["cache_hits"] == 20
+    assert sum(server.calls.values()) - sent == 20  # only the odd crops were asked for
+    written = pq.ParquetFile(tmp_path / "recognition.parquet")
+    assert written.metadata.num_row_groups > 1  # written as the run went, not at the end
+    assert written.read().equals(expected)

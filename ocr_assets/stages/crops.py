@@ -1,49 +1,97 @@
 """The crops stage: cut every layout region out of its page and store it as an encoded image.
 
-Each page is decoded once; all of its regions are numpy slices of that one array, each
-encoded once. Pages are worked on a small thread pool: cv2 decode and encode release the
-GIL, so two cores are both busy.
+Layout rows are read in record batches and cut in groups of whole pages: each group's pages
+are read from the shard at once (``Shard.read_pages``), each page is decoded once, all of its
+regions are numpy slices of that one array, each encoded once, and the group's crops go out
+together. No more than one group of pages and crops is held, whatever the size of the shard.
+Pages are worked on a small thread pool: cv2 decode and encode release the GIL, so two cores
+are both busy.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
 
+from ocr_assets.config import ENV_ID_COLUMN
 from ocr_assets.imaging import decode_page, encode_image, vlm_crop
 from ocr_assets.schemas import CROPS, PAGE_ERROR_REGION
+from ocr_assets.sources.base import DatasetError, Pixels, Shard
 from ocr_assets.timing import StageReport, timed_stage
 
-ImageAt = Callable[[int], "bytes | memoryview | None"]
+Sink = Callable[[pa.Table], None]
 VLM_FORMAT = "vlm-jpeg"  # JPEG, resized to the VLM's patch grid and pixel bounds
+GROUP_PAGES = 16  # pages read, cut and written together
+NO_BOX = -(2**31)  # null box coordinates, filled for numpy
 
 
-def _row_map(rows: Mapping[str, int] | pa.Table) -> Mapping[str, int]:
-    """page_id → source row, from a mapping or the PAGES table; a page_id on two rows is refused
-    (its regions could be cut from the other row's page)."""
-    if not isinstance(rows, pa.Table):
-        return rows
-    row_of: dict[str, int] = {}
-    for page_id, row in zip(rows.column("page_id").to_pylist(), rows.column("row").to_pylist()):
-        if row_of.setdefault(page_id, row) != row:
-            raise ValueError(f"page id {page_id!r} is on rows {row_of[page_id]} and {row} of the pages table; "
-                             f"page ids must be unique (OCR_ASSETS_ID_COLUMN)")
-    return row_of
+def _page_map(pages: Mapping[str, tuple[int, int]] | pa.Table) -> Mapping[str, tuple[int, int]]:
+    """page_id → (source row, page), from a mapping or the PAGES table (its page_id, row and page
+    columns); a page_id on two pages is refused (its regions could be cut from the other page)."""
+    if not isinstance(pages, pa.Table):
+        return pages
+    where: dict[str, tuple[int, int]] = {}
+    for page_id, row, page in zip(pages.column("page_id").to_pylist(), pages.column("row").to_pylist(),
+                                  pages.column("page").to_pylist()):
+        first = where.setdefault(page_id, (row, page))
+        if first != (row, page):
+            raise DatasetError(
+                f"page id {page_id!r} is on row {first[0]} page {first[1]} and row {row} page {page} of "
+                f"the pages table; page ids must be unique ({ENV_ID_COLUMN})")
+    return where
+
+
+def _tables(layout: pa.Table | Iterable[pa.RecordBatch | pa.Table]) -> Iterator[pa.Table]:
+    if isinstance(layout, pa.Table):
+        yield layout
+        return
+    for batch in layout:
+        yield pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+
+
+def _run_starts(page_ids: np.ndarray) -> list[int]:
+    """Where each run of equal page ids starts."""
+    return [0, *(np.flatnonzero(page_ids[1:] != page_ids[:-1]) + 1).tolist()] if len(page_ids) else []
+
+
+def _page_groups(layout: pa.Table | Iterable[pa.RecordBatch | pa.Table], group_pages: int) -> Iterator[pa.Table]:
+    """Slices of the layout rows holding up to ``group_pages`` whole pages each, in order: a page's
+    rows (contiguous in LAYOUT) are kept together across the edges of the batches read."""
+    waiting: pa.Table | None = None  # rows read but not yet handed out, from a page's first row on
+    tables = _tables(layout)
+    following = next(tables, None)
+    while following is not None:
+        table, following = following, next(tables, None)  # one batch ahead: is this the last one?
+        if waiting is not None and waiting.num_rows:
+            table = pa.concat_tables([waiting, table.cast(waiting.schema)])
+        if not table.num_rows:
+            continue
+        starts = _run_starts(np.asarray(table.column("page_id").to_numpy(zero_copy_only=False), dtype=object))
+        ends = [*starts[1:], table.num_rows]
+        if following is None:  # the last batch: every page is whole, and the last group may be short
+            handed = len(starts)
+        else:  # the last page may go on in the next batch; a short group waits to grow
+            handed = (len(starts) - 1) // group_pages * group_pages
+        for k in range(0, handed, group_pages):
+            last = min(k + group_pages, handed) - 1
+            yield table.slice(starts[k], ends[last] - starts[k])
+        waiting = table.slice(ends[handed - 1] if handed else 0)
 
 
 def _page_crops(
-    data: bytes | memoryview | None,
+    data: Pixels | None,
     boxes: np.ndarray,
     fmt: str,
     jpeg_quality: int,
     padding: int,
 ) -> tuple[list, dict[str, float]]:
-    """Decode one page and cut its boxes: one (image, width, height, error) per box, plus part seconds."""
+    """Decode one page (an array is taken as it is) and cut its boxes: one (image, width, height, error)
+    per box, plus part seconds."""
     parts = {"decode": 0.0, "crop": 0.0, "encode": 0.0}
     start = time.perf_counter()
     if data is None:
@@ -58,7 +106,7 @@ def _page_crops(
     out = []
     for x0, y0, x1, y1 in boxes.tolist():
         t0 = time.perf_counter()
-        if min(x0, y0, x1, y1) < -(2**30):  # null box coordinates (filled sentinel)
+        if min(x0, y0, x1, y1) == NO_BOX:  # null box coordinates
             out.append((None, 0, 0, "region has no box"))
             continue
         cx0, cy0 = max(0, x0 - padding), max(0, y0 - padding)
@@ -83,47 +131,25 @@ def _page_crops(
     return out, parts
 
 
-def make_crops(
-    layout: pa.Table,
-    image_at: ImageAt,
-    rows: Mapping[str, int] | pa.Table,
-    *,
-    fmt: str = "png",
-    jpeg_quality: int = 92,
-    padding: int = 4,
-    workers: int | None = None,
-    report: StageReport | None = None,
-) -> tuple[pa.Table, StageReport]:
-    """Cut every region of ``layout`` out of its page: one CROPS row per LAYOUT row, same order.
+class _Cutter:
+    """Cuts the regions of one group of pages at a time (see ``make_crops``)."""
 
-    ``image_at(row)`` returns a page's encoded bytes for its source row; ``rows`` maps page_id →
-    source row (a mapping, or the PAGES table). Boxes get ``padding`` pixels of margin, clipped to
-    the page. ``fmt`` is png, jpeg, or ``vlm-jpeg``: JPEG resized so both sides are multiples of
-    28 and the pixels lie within the VLM's bounds (``width``/``height`` are then the stored size). ``skip`` regions are stored too. Layout error rows (a failed page's ``region = -1``
-    row) pass through with an empty image; a page that cannot be decoded here gives every one of
-    its regions status error; an empty box is an error for that region only. Every region starts
-    unanswered and is ``ok`` only once its crop is stored; one left unanswered is a bug and
-    raises RuntimeError.
+    def __init__(self, shard: Shard, where: Mapping[str, tuple[int, int]], fmt: str, jpeg_quality: int,
+                 padding: int, pool: ThreadPoolExecutor, report: StageReport) -> None:
+        self.shard, self.where, self.fmt = shard, where, fmt
+        self.stored_format = "jpeg" if fmt == VLM_FORMAT else fmt
+        self.jpeg_quality, self.padding, self.pool, self.report = jpeg_quality, padding, pool, report
 
-    Parts (``decode``, ``crop``, ``encode``) are summed over the worker threads, so together they
-    can exceed ``stage_seconds``.
-    """
-    if fmt not in ("png", "jpeg", "jpg", VLM_FORMAT):
-        raise ValueError(f"unknown crop format {fmt!r}: use 'png', 'jpeg' or {VLM_FORMAT!r}")
-    fmt = "jpeg" if fmt == "jpg" else fmt
-    stored_format = "jpeg" if fmt == VLM_FORMAT else fmt
-    report = report or StageReport()
-    with timed_stage(report):
-        row_of = _row_map(rows)
+    def cut(self, layout: pa.Table) -> pa.Table:
+        """The CROPS rows of ``layout`` (whole pages), one per row, same order."""
+        report = self.report
         n = layout.num_rows
         page_ids = np.asarray(layout.column("page_id").to_numpy(zero_copy_only=False), dtype=object)
         regions = layout.column("region").to_numpy(zero_copy_only=False)
         in_status = np.asarray(layout.column("status").to_numpy(zero_copy_only=False), dtype=object)
         boxes = np.stack(
-            [layout.column(c).fill_null(-(2**31)).to_numpy() for c in ("x0", "y0", "x1", "y1")],
-            axis=1,
+            [layout.column(c).fill_null(NO_BOX).to_numpy() for c in ("x0", "y0", "x1", "y1")], axis=1,
         ).astype(np.int64) if n else np.zeros((0, 4), np.int64)
-
         images: list = [b""] * n
         widths = np.zeros(n, np.int32)
         heights = np.zeros(n, np.int32)
@@ -138,54 +164,64 @@ def make_crops(
             errors[i] = errors[i] or "layout gave this page no region to cut"
         for i in np.flatnonzero(todo).tolist():
             errors[i] = None
-        todo_idx = np.flatnonzero(todo)
-        if len(todo_idx):
-            # Group the rows to cut by page, keeping the first-seen page order.
-            uniq, first, inverse = np.unique(page_ids[todo_idx], return_index=True, return_inverse=True)
-            order = np.argsort(first, kind="stable")
-            by_page = np.argsort(inverse, kind="stable")
-            bounds = np.searchsorted(inverse[by_page], np.arange(len(uniq) + 1))
-            groups = {k: todo_idx[by_page[bounds[k]:bounds[k + 1]]] for k in range(len(uniq))}
 
-            def work(k: int):
-                page_id = uniq[k]
-                idx = groups[k]
-                row = row_of.get(page_id)
-                if row is None:
-                    return idx, [(None, 0, 0, f"page {page_id!r} is not in the pages table")] * len(idx), {}
-                try:
-                    data = image_at(int(row))
-                except Exception as exc:
-                    return idx, [(None, 0, 0, f"could not read source row {row}: {exc}")] * len(idx), {}
-                try:
-                    out, parts = _page_crops(data, boxes[idx], fmt, jpeg_quality, padding)
-                except Exception as exc:  # one page must not stop the shard
-                    reason = f"crops failed on this page: {type(exc).__name__}: {exc}"
-                    return idx, [(None, 0, 0, reason)] * len(idx), {}
-                return idx, out, parts
+        def fail(idx: np.ndarray, reason: str) -> None:
+            for i in idx.tolist():
+                statuses[i], errors[i] = "error", reason
 
-            workers = workers or min(4, len(os.sched_getaffinity(0)))
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                for idx, out, parts in pool.map(work, order.tolist()):
-                    for name, seconds in parts.items():
-                        report.parts[name] = report.parts.get(name, 0.0) + seconds
-                    if len(out) != len(idx):  # a short answer: no region of the page may stay unanswered
-                        reason = f"the crop worker gave {len(out)} results for this page's {len(idx)} regions"
-                        out = [(None, 0, 0, reason)] * len(idx)
-                    for i, (image, w, h, err) in zip(idx.tolist(), out):
-                        if err is None:
-                            images[i], widths[i], heights[i], formats[i] = image, w, h, stored_format
-                            statuses[i], errors[i] = "ok", None
-                        else:
-                            statuses[i], errors[i] = "error", err
+        starts = _run_starts(page_ids)
+        jobs: list[tuple[np.ndarray, tuple[int, int]]] = []
+        for lo, hi in zip(starts, [*starts[1:], n]):
+            idx = lo + np.flatnonzero(todo[lo:hi])
+            if not len(idx):
+                continue
+            key = self.where.get(page_ids[lo])
+            if key is None:
+                fail(idx, f"page {page_ids[lo]!r} is not in the pages table")
+            else:
+                jobs.append((idx, (int(key[0]), int(key[1]))))
+        with report.part("read"):
+            pixels = self.shard.read_pages([key for _, key in jobs]) if jobs else []
+        if len(pixels) != len(jobs):
+            raise RuntimeError(f"shard {self.shard.key!r} gave {len(pixels)} pages for {len(jobs)} asked: "
+                               f"a bug in the source")
+
+        def work(k: int):
+            idx, (row, page) = jobs[k]
+            data = pixels[k]
+            if isinstance(data, Exception) or data is None:
+                reason = f"page {page} of source row {row} could not be read from the dataset: {data or 'no pixels'}"
+                return idx, [(None, 0, 0, reason)] * len(idx), {}
+            try:
+                out, parts = _page_crops(data, boxes[idx], self.fmt, self.jpeg_quality, self.padding)
+            except Exception as exc:  # one page must not stop the shard
+                reason = f"crops failed on this page: {type(exc).__name__}: {exc}"
+                return idx, [(None, 0, 0, reason)] * len(idx), {}
+            return idx, out, parts
+
+        for idx, out, parts in self.pool.map(work, range(len(jobs))):
+            for name, seconds in parts.items():
+                report.parts[name] = report.parts.get(name, 0.0) + seconds
+            if len(out) != len(idx):  # a short answer: no region of the page may stay unanswered
+                out = [(None, 0, 0, f"the crop worker gave {len(out)} results for this page's {len(idx)} regions")
+                       ] * len(idx)
+            for i, (image, w, h, err) in zip(idx.tolist(), out):
+                if err is None:
+                    images[i], widths[i], heights[i], formats[i] = image, w, h, self.stored_format
+                    statuses[i], errors[i] = "ok", None
+                else:
+                    statuses[i], errors[i] = "error", err
+        del pixels
         unanswered = [i for i, s in enumerate(statuses) if s is None]
         if unanswered:
             raise RuntimeError(
-                f"crops left {len(unanswered)} region(s) unanswered, for example rows {unanswered[:3]}: "
-                f"a bug in the crops stage, not in the pages"
+                f"crops left {len(unanswered)} region(s) unanswered, for example on page "
+                f"{page_ids[unanswered[0]]!r}: a bug in the crops stage, not in the pages"
             )
-
-        table = pa.table(
+        report.pages += len(starts)
+        report.count("regions", int(np.count_nonzero(regions != PAGE_ERROR_REGION)))
+        report.count("errors", statuses.count("error"))
+        return pa.table(
             {
                 "page_id": layout.column("page_id").cast(pa.string()),
                 "region": layout.column("region").cast(pa.int32()),
@@ -199,7 +235,55 @@ def make_crops(
             },
             schema=CROPS,
         )
-        report.pages = len(set(page_ids.tolist()))
-        report.count("regions", int(np.count_nonzero(regions != PAGE_ERROR_REGION)))
-        report.count("errors", statuses.count("error"))
-    return table, report
+
+
+def make_crops(
+    layout: pa.Table | Iterable[pa.RecordBatch | pa.Table],
+    shard: Shard,
+    pages: Mapping[str, tuple[int, int]] | pa.Table,
+    *,
+    fmt: str = "png",
+    jpeg_quality: int = 92,
+    padding: int = 4,
+    workers: int | None = None,
+    report: StageReport | None = None,
+    sink: Sink | None = None,
+    group_pages: int = GROUP_PAGES,
+) -> tuple[pa.Table | None, StageReport]:
+    """Cut every region of ``layout`` out of its page: one CROPS row per LAYOUT row, same order.
+
+    ``layout`` is the LAYOUT table or its record batches (a page's rows contiguous, as the layout
+    stage writes them); ``pages`` maps page_id → (source row, page), as a mapping or the PAGES
+    table (page_id, row and page columns); pixels come from ``shard.read_pages``, ``group_pages``
+    pages at a time. Boxes get ``padding`` pixels of margin, clipped to the page. ``fmt`` is png,
+    jpeg, or ``vlm-jpeg``: JPEG resized so both sides are multiples of 28 and the pixels lie
+    within the VLM's bounds (``width``/``height`` are then the stored size). ``skip`` regions are
+    stored too. Layout error rows (a failed page's ``region = -1`` row) pass through with an empty
+    image; a page that cannot be read or decoded here gives every one of its regions status error;
+    an empty box is an error for that region only. Every region starts unanswered and is ``ok``
+    only once its crop is stored; one left unanswered is a bug and raises RuntimeError.
+
+    With a ``sink``, each group's CROPS table goes to it in order and the table returned is None;
+    without one, the whole table is returned. Parts (``read``, ``decode``, ``crop``, ``encode``)
+    are summed over the worker threads, so together they can exceed ``stage_seconds``.
+    """
+    if fmt not in ("png", "jpeg", "jpg", VLM_FORMAT):
+        raise ValueError(f"unknown crop format {fmt!r}: use 'png', 'jpeg' or {VLM_FORMAT!r}")
+    fmt = "jpeg" if fmt == "jpg" else fmt
+    report = report if report is not None else StageReport()
+    parts: list[pa.Table] | None = None
+    if sink is None:
+        parts = []
+        sink = parts.append
+    with timed_stage(report):
+        report.count("regions", 0)
+        report.count("errors", 0)
+        where = _page_map(pages)
+        workers = workers or min(4, len(os.sched_getaffinity(0)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="crops") as pool:
+            cutter = _Cutter(shard, where, fmt, jpeg_quality, padding, pool, report)
+            for group in _page_groups(layout, max(1, int(group_pages))):
+                sink(cutter.cut(group))
+    if parts is None:
+        return None, report
+    return (pa.concat_tables(parts) if parts else CROPS.empty_table()), report

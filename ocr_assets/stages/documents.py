@@ -1,4 +1,4 @@
-"""The documents stage: one Markdown page per source row, from its regions in reading order.
+"""The documents stage: one Markdown document per source row, from its pages' regions in reading order.
 
 Markdown rules (kept simple on purpose):
 
@@ -6,21 +6,33 @@ Markdown rules (kept simple on purpose):
   every other label in ``config.TITLE_LABELS`` is a ``## `` heading.
 - text regions are paragraphs; tables are what the recognizer returned (HTML from a VLM,
   ``cell | cell`` rows from the local recognizer); formulas are wrapped in ``$$ … $$``.
-- ``skip`` regions (figures, charts) become a placeholder naming their box:
+- ``skip`` regions (figures, charts) become a placeholder naming their page and box:
   ``![figure](page_id#x0,y0,x1,y1)``.
 - blocks are separated by blank lines; regions without text add nothing.
+- the pages of a row follow each other in ``page`` order, each after a ``<!-- page N -->`` line
+  (N its ``page`` index; none before the first page); ``page_markdown`` keeps each page's own.
 
 Page status: ``error`` when the page failed as a whole (pages status error, or a page-error row
 at layout/crops/recognition) or when every region with a task to read failed; ``empty`` when no
-region has text; ``partial`` when some regions failed; else ``ok``. ``error`` joins the distinct
-reasons with "; ".
+region has text; ``partial`` when some regions failed; else ``ok``.
+
+Row status, over its pages: ``ok`` when some page has text and none failed (empty pages among
+them are fine); ``empty`` when no page has text and none failed; ``partial`` when some page
+failed (or is partial) but text was read; ``error`` when failures left nothing read. ``error``
+joins the distinct reasons with "; ", each prefixed with its pages (``page 3: …``) in a
+multi-page row.
+
+Layout and recognition are read once, as record batches, in the pages' order (the order the
+stages upstream write them); only one page's rows are held at a time, and documents are handed
+out in row order as they are made.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Callable, Iterable, Iterator
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -28,19 +40,90 @@ from ocr_assets.config import TITLE_LABELS
 from ocr_assets.schemas import DOCUMENTS, PAGE_ERROR_REGION
 from ocr_assets.timing import StageReport, timed_stage
 
+Rows = pa.Table | Iterable[pa.RecordBatch]
+Sink = Callable[[pa.Table], None]
 
-def _regions_joined(layout: pa.Table, recognition: pa.Table) -> pa.Table:
-    """Layout rows joined with their recognition rows on (page_id, region), sorted by page then region."""
-    left = layout.select(
-        ["page_id", "region", "label", "task", "x0", "y0", "x1", "y1", "source", "status", "error"]
-    ).rename_columns(
-        ["page_id", "region", "label", "task", "x0", "y0", "x1", "y1", "source", "l_status", "l_error"]
-    )
-    right = recognition.select(["page_id", "region", "text", "status", "error"]).rename_columns(
-        ["page_id", "region", "text", "r_status", "r_error"]
-    )
-    joined = left.join(right, keys=["page_id", "region"], join_type="full outer")
-    return joined.sort_by([("page_id", "ascending"), ("region", "ascending")])
+# Documents per table handed to the sink (a few MB of Markdown).
+DOCUMENT_ROWS = 256
+
+LAYOUT_COLUMNS = ["page_id", "region", "label", "task", "x0", "y0", "x1", "y1", "source", "status", "error"]
+RECOGNITION_COLUMNS = ["page_id", "region", "text", "status", "error"]
+
+
+def _in_page_order(data: Rows, position: dict[str, int], columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """Record batches of ``columns`` only; a table out of the pages' order is put in it first (its
+    rows are in memory already), rows of pages not in the pages table dropped."""
+    if isinstance(data, pa.Table):
+        table = data.select(columns)
+        if table.num_rows:
+            ids = table.column("page_id").to_pylist()
+            positions = pa.array([position.get(page_id) for page_id in ids], pa.int64())
+            known = pc.is_valid(positions)
+            kept = pc.drop_null(positions)
+            ordered = pc.all(pc.greater_equal(kept[1:], kept[:-1])).as_py() is not False  # None: under two rows
+            if not ordered or len(kept) < table.num_rows:
+                table = table.filter(known)
+                table = table.take(pc.sort_indices(kept))
+        yield from table.to_batches()
+        return
+    for batch in data:
+        yield batch.select(columns)
+
+
+def _runs(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[str, list[tuple]]]:
+    """(page_id, rows) for each run of consecutive rows of one page, across batch boundaries."""
+    current: str | None = None
+    rows: list[tuple] = []
+    for batch in batches:
+        for row in zip(*(column.to_pylist() for column in batch.columns)):
+            if rows and row[0] != current:
+                yield current, rows
+                rows = []
+            current = row[0]
+            rows.append(row)
+    if rows:
+        yield current, rows
+
+
+class _PageRows:
+    """The rows of one asset (layout or recognition) for each page, taken in the pages' order."""
+
+    def __init__(self, name: str, data: Rows, position: dict[str, int], columns: list[str]) -> None:
+        self.name, self.position = name, position
+        self._runs = _runs(_in_page_order(data, position, columns))
+        self._head: tuple[str, list[tuple]] | None = None
+
+    def take(self, page_id: str, index: int) -> list[tuple]:
+        """Every row of the page at ``index`` of the pages' order (pages are taken in order)."""
+        rows: list[tuple] = []
+        while True:
+            if self._head is None:
+                self._head = next(self._runs, None)
+                if self._head is None:
+                    return rows
+            run_id, run = self._head
+            at = self.position.get(run_id)
+            if at is not None and at > index:  # a later page's rows: kept for it
+                return rows
+            self._head = None
+            if at is None:  # not a page of this shard's pages: no document to put it in
+                continue
+            if at < index:
+                raise self._out_of_order(run_id, page_id)
+            rows.extend(run)
+
+    def drain(self, last_page_id: str) -> None:
+        """Read to the end, so rows of an already assembled page are reported, never lost."""
+        for run_id, _ in itertools.chain([self._head] if self._head else [], self._runs):
+            if run_id in self.position:
+                raise self._out_of_order(run_id, last_page_id)
+        self._head = None
+
+    def _out_of_order(self, run_id: str, later: str) -> RuntimeError:
+        return RuntimeError(
+            f"{self.name} rows of page {run_id!r} come after those of a later page, {later!r}: the "
+            f"{self.name} partition is not in the pages' order; materialize {self.name} again"
+        )
 
 
 def _block(label: str, task: str, text: str, box: list, page_id: str, first: bool) -> str | None:
@@ -58,22 +141,24 @@ def _block(label: str, task: str, text: str, box: list, page_id: str, first: boo
     return text
 
 
-def _page(page_id: str, cols: dict[str, list], lo: int, hi: int) -> tuple[str, str, str, list[str]]:
-    """(status, markdown, regions JSON, error reasons) of one page from its joined rows lo:hi."""
+def _page(page_id: str, page: int, layout: list[tuple], recognition: list[tuple]) -> tuple[str, str, list, list]:
+    """(status, markdown, regions, error reasons) of one page from its layout and recognition rows."""
+    by_layout = {row[1]: row for row in layout}
+    by_recognition = {row[1]: row for row in recognition}
     blocks, regions, reasons = [], [], []
-    page_failed = has_text = region_failed = False
-    any_ok = False
+    page_failed = has_text = region_failed = any_ok = False
     first = True
-    for i in range(lo, hi):
-        region = cols["region"][i]
-        l_status, r_status = cols["l_status"][i], cols["r_status"][i]
-        reason = cols["r_error"][i] or cols["l_error"][i]
+    for region in sorted(by_layout.keys() | by_recognition.keys()):
+        lay = by_layout.get(region)
+        rec = by_recognition.get(region)
+        l_status, l_error = (lay[9], lay[10]) if lay else (None, None)
+        text, r_status, r_error = (rec[2], rec[3], rec[4]) if rec else (None, None, None)
+        reason = r_error or l_error
         if region == PAGE_ERROR_REGION:
             page_failed = True
             reasons.append(reason or "page failed before documents")
             continue
-        task, label, text = cols["task"][i], cols["label"][i], cols["text"][i]
-        box = [cols["x0"][i], cols["y0"][i], cols["x1"][i], cols["y1"][i]]
+        label, task, box, source = (lay[2], lay[3], list(lay[4:8]), lay[8]) if lay else (None, None, [None] * 4, None)
         if l_status == "error" or r_status == "error":
             status = "error"
         elif r_status is None:
@@ -85,7 +170,6 @@ def _page(page_id: str, cols: dict[str, list], lo: int, hi: int) -> tuple[str, s
         if status == "error":
             region_failed = True
             reasons.append(reason or "region failed")
-            text = text or ""
         else:
             if task != "skip":
                 any_ok = True
@@ -95,7 +179,7 @@ def _page(page_id: str, cols: dict[str, list], lo: int, hi: int) -> tuple[str, s
                 has_text = has_text or task != "skip"
             first = False
         regions.append({
-            "region": region, "label": label, "task": task, "box": box, "source": cols["source"][i],
+            "page": page, "region": region, "label": label, "task": task, "box": box, "source": source,
             "text": text or "", "status": status, "error": reason,
         })
     if page_failed or (region_failed and not any_ok and not has_text):
@@ -106,59 +190,145 @@ def _page(page_id: str, cols: dict[str, list], lo: int, hi: int) -> tuple[str, s
         status = "partial"
     else:
         status = "ok"
-    return status, "\n\n".join(blocks), json.dumps(regions, ensure_ascii=False), reasons
+    return status, "\n\n".join(blocks), regions, reasons
+
+
+def _row_status(statuses: list[str]) -> str:
+    """A source row's status over its pages' statuses (see the module docstring)."""
+    failed = any(s in ("error", "partial") for s in statuses)
+    read = any(s in ("ok", "partial") for s in statuses)
+    if read:
+        return "partial" if failed else "ok"
+    return "error" if failed else "empty"
+
+
+def _page_list(pages: list[int]) -> str:
+    """``page 3``, or ``pages 0-2, 5`` (runs of consecutive pages as ranges)."""
+    spans: list[list[int]] = []
+    for page in pages:
+        if spans and page == spans[-1][1] + 1:
+            spans[-1][1] = page
+        else:
+            spans.append([page, page])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    return f"page {text}" if len(pages) == 1 else f"pages {text}"
+
+
+def _row_error(reasons: list[tuple[int, list[str]]], multi_page: bool) -> str | None:
+    """The distinct reasons of a row, each prefixed with the pages it happened on in a multi-page row."""
+    if not multi_page:
+        return "; ".join(dict.fromkeys(r for _, page_reasons in reasons for r in page_reasons)) or None
+    pages_of: dict[str, list[int]] = {}
+    for page, page_reasons in reasons:
+        for reason in dict.fromkeys(page_reasons):
+            pages_of.setdefault(reason, []).append(page)
+    return "; ".join(f"{_page_list(pages)}: {reason}" for reason, pages in pages_of.items()) or None
+
+
+def _row_id(page_ids: list[str], pages: list[int]) -> str:
+    """The source row's id: its page's id, or the first page's id less its ``/<page>``."""
+    if len(page_ids) == 1:
+        return page_ids[0]
+    suffix = f"/{pages[0]}"
+    return page_ids[0][: -len(suffix)] if page_ids[0].endswith(suffix) else page_ids[0]
+
+
+def _sorted_pages(pages: pa.Table) -> dict[str, list]:
+    """The pages table's columns as lists, in (row, page) order."""
+    page = pages.column("page").fill_null(0) if "page" in pages.column_names else pa.array([0] * pages.num_rows,
+                                                                                                pa.int32())
+    keys = pa.table({"row": pages.column("row"), "page": page})
+    order = pc.sort_indices(keys, sort_keys=[("row", "ascending"), ("page", "ascending")])
+    cols = {name: pages.column(name).take(order).to_pylist() for name in ("page_id", "shard", "row", "status",
+                                                                         "error")}
+    cols["page"] = page.take(order).to_pylist()
+    return cols
 
 
 def assemble_documents(
     pages: pa.Table,
-    layout: pa.Table,
-    recognition: pa.Table,
+    layout: Rows,
+    recognition: Rows,
     *,
     report: StageReport | None = None,
-) -> tuple[pa.Table, StageReport]:
-    """One DOCUMENTS row per PAGES row, in the pages' order, whatever happened to the page upstream.
+    sink: Sink | None = None,
+) -> tuple[pa.Table | None, StageReport]:
+    """One DOCUMENTS row per source row, in row order, whatever happened to its pages upstream.
 
-    Regions are joined and sorted by (page_id, region) in Arrow, then cut into pages by their
-    sorted page_id; see the module docstring for the Markdown and status rules.
+    ``pages`` is the PAGES table (one row per page); ``layout`` and ``recognition`` are tables or
+    iterables of record batches, in the pages' order as their stages write them (only their text
+    columns are read). Every page reaches its row's document. With ``sink``, documents are handed
+    to it in row order, in tables of ``DOCUMENT_ROWS``, and None is returned in place of the table.
+    Raises RuntimeError when layout or recognition rows are out of the pages' order (a stale or
+    foreign partition). Counts: one per document status, documents, regions; ``report.pages``.
+    See the module docstring for the Markdown and status rules.
     """
     report = report or StageReport()
+    parts: list[pa.Table] = []
+    write = sink or parts.append
     with timed_stage(report):
-        with report.part("join"):
-            joined = _regions_joined(layout, recognition)
-            cols = {name: joined.column(name).to_pylist() for name in joined.column_names}
-            sorted_ids = np.asarray(joined.column("page_id").to_numpy(zero_copy_only=False), dtype=object)
-        with report.part("assemble"):
-            # Rows are sorted by page_id: each page is one contiguous run.
-            n = len(sorted_ids)
-            starts = [0, *(np.flatnonzero(sorted_ids[1:] != sorted_ids[:-1]) + 1).tolist()] if n else []
-            ends = [*starts[1:], n]
-            bounds = {sorted_ids[lo]: (lo, hi) for lo, hi in zip(starts, ends)}
-            out_status, markdowns, region_json, out_error = [], [], [], []
-            page_status = pages.column("status").to_pylist()
-            page_error = pages.column("error").to_pylist()
-            for page_id, p_status, p_error in zip(pages.column("page_id").to_pylist(), page_status, page_error):
-                lo, hi = bounds.get(page_id, (0, 0))
-                status, markdown, regions, reasons = _page(page_id, cols, lo, hi)
-                if p_status == "error":
-                    status = "error"
-                    reasons.insert(0, p_error or "page failed at extraction")
-                out_status.append(status)
-                markdowns.append(markdown)
-                region_json.append(regions)
-                out_error.append("; ".join(dict.fromkeys(reasons)) or None)
+        for name in ("documents", "regions"):
+            report.counts.setdefault(name, 0)
+        cols = _sorted_pages(pages)
+        position = {page_id: i for i, page_id in enumerate(cols["page_id"])}
+        regions_of = _PageRows("layout", layout, position, LAYOUT_COLUMNS)
+        texts_of = _PageRows("recognition", recognition, position, RECOGNITION_COLUMNS)
+        out: dict[str, list] = {name: [] for name in DOCUMENTS.names}
+
+        def flush() -> None:
+            if out["page_id"]:
+                write(pa.table(out, schema=DOCUMENTS))
+                for values in out.values():
+                    values.clear()
+
+        n = len(cols["page_id"])
+        lo = 0
+        while lo < n:
+            hi = lo + 1
+            while hi < n and cols["row"][hi] == cols["row"][lo]:
+                hi += 1
+            statuses, markdowns, blocks, regions, reasons = [], [], [], [], []
+            for i in range(lo, hi):
+                page_id, page = cols["page_id"][i], cols["page"][i]
+                with report.part("join"):
+                    layout_rows, recognition_rows = regions_of.take(page_id, i), texts_of.take(page_id, i)
+                with report.part("assemble"):
+                    status, markdown, page_regions, page_reasons = _page(page_id, page, layout_rows,
+                                                                         recognition_rows)
+                    if cols["status"][i] == "error":
+                        status = "error"
+                        page_reasons.insert(0, cols["error"][i] or "page failed at extraction")
+                    report.count("regions", sum(r["region"] >= 0 for r in page_regions))
+                    statuses.append(status)
+                    markdowns.append(markdown)
+                    if i > lo:
+                        blocks.append(f"<!-- page {page} -->")
+                    if markdown:
+                        blocks.append(markdown)
+                    regions.extend(page_regions)
+                    reasons.append((page, page_reasons))
+            with report.part("assemble"):
+                status = _row_status(statuses)
+                out["page_id"].append(_row_id(cols["page_id"][lo:hi], cols["page"][lo:hi]))
+                out["shard"].append(cols["shard"][lo])
+                out["row"].append(cols["row"][lo])
+                out["pages"].append(hi - lo)
+                out["status"].append(status)
+                out["markdown"].append("\n\n".join(blocks))
+                out["page_markdown"].append(markdowns)
+                out["regions"].append(json.dumps(regions, ensure_ascii=False))
+                out["error"].append(_row_error(reasons, hi - lo > 1))
                 report.count(status)
-        table = pa.table(
-            {
-                "page_id": pages.column("page_id"),
-                "shard": pages.column("shard"),
-                "row": pages.column("row"),
-                "status": pa.array(out_status, pa.string()),
-                "markdown": pa.array(markdowns, pa.string()),
-                "regions": pa.array(region_json, pa.string()),
-                "error": pa.array(out_error, pa.string()),
-            },
-            schema=DOCUMENTS,
-        )
-        report.pages = pages.num_rows
-        report.count("regions", int(pc.sum(pc.greater_equal(joined.column("region"), 0)).as_py() or 0))
-    return table, report
+                report.count("documents")
+                if len(out["page_id"]) >= DOCUMENT_ROWS:
+                    flush()
+            lo = hi
+        with report.part("join"):
+            last = cols["page_id"][-1] if n else ""
+            regions_of.drain(last)
+            texts_of.drain(last)
+        flush()
+        report.pages = n
+    if sink is not None:
+        return None, report
+    return (pa.concat_tables(parts) if parts else DOCUMENTS.empty_table()), report

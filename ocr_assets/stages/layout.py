@@ -1,12 +1,15 @@
 """The layout stage: regions of every page, labelled with a task and numbered in reading order.
 
-Each page is decoded once and preprocessed by the backend (on a worker thread, one batch
-ahead of the model, so decoding overlaps inference), the backend detects regions in batches,
+Each batch of pages is read from the shard (``Shard.read_pages``: encoded bytes, or arrays for
+rendered PDF pages), decoded once and preprocessed by the backend (on a worker thread, one batch
+ahead of the model, so reading and decoding overlap inference), the backend detects regions in batches,
 abandoned labels (headers, footers) are dropped, ink outside every model box is recovered as
 extra text regions, and the kept regions are put in reading order. A page that cannot be
 decoded or fails in the model becomes one error row; the partition goes on. A page with no
 regions gives no row. A fault of the device (a CUDA error, or out of memory with one page
 alone) raises ``DeviceFault``: the step fails rather than turn every later page into an error.
+Rows go out in tables of whole pages as batches finish: no more than two batches of pages are
+held at once, whatever the size of the shard.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ from ocr_assets.backends.layout.base import (
     DeviceFault, Detection, LayoutBackend, PreparedPage, device_fault_kind, free_device_memory,
 )
 from ocr_assets.schemas import PAGE_ERROR_REGION, layout_schema
+from ocr_assets.sources.base import Shard
 from ocr_assets.stages.reading_order import order_detections
 from ocr_assets.stages.recovery import recover_text_boxes
 from ocr_assets.timing import StageReport, timed_stage
 
-ImageAt = Callable[[int], "bytes | memoryview | None"]
+Sink = Callable[[pa.Table], None]
+BATCH_ROWS = 4096  # region rows gathered before a table goes to the sink (whole pages only)
 DUPLICATE_IOU = 0.8  # two labels for (nearly) the same box: one of them stands
 MERGE_SHARE = 0.2  # same-task regions sharing this much of the smaller box are read as one
 # what became of a page: nothing yet, its regions, none found, an error row
@@ -56,21 +61,26 @@ def _device_fault(page_ids: list[str], exc: Exception) -> DeviceFault:
 
 
 def _prepare(
-    backend: LayoutBackend, image_at: ImageAt, rows: list[int], page_ids: list[str]
+    backend: LayoutBackend, shard: Shard, keys: list[tuple[int, int]], page_ids: list[str]
 ) -> list[PreparedPage | str]:
-    """The backend's prepared pages for source rows ``rows``, or per page the reason it failed.
+    """The backend's prepared pages for the (row, page) ``keys``, or per page the reason it failed.
 
-    Where preparing the batch fails, each page is prepared alone, so one bad page fails alone.
-    Raises only ``DeviceFault``.
+    The batch's pixels are read from the shard at once (PDF pages render in parallel there). Where
+    preparing the batch fails, each page is prepared alone, so one bad page fails alone. Raises
+    only ``DeviceFault``, or what ``read_pages`` raises (a fault of the whole shard, not a page's).
     """
+    pixels = shard.read_pages(keys)
+    if len(pixels) != len(keys):
+        raise RuntimeError(f"shard {shard.key!r} gave {len(pixels)} pages for {len(keys)} asked: a bug in the source")
     blobs: list = []
     unread: dict[int, str] = {}
-    for n, row in enumerate(rows):
-        try:
-            blobs.append(image_at(row))
-        except Exception as exc:  # one unreadable row must not stop the shard
+    for n, got in enumerate(pixels):
+        if isinstance(got, Exception) or got is None:
             blobs.append(None)
-            unread[n] = f"page image could not be read from the dataset: {exc}"
+            unread[n] = f"page could not be read from the dataset: {got or 'no pixels'}"
+        else:
+            blobs.append(got)
+    del pixels
     try:
         prepared = _answers(backend.prepare(blobs), len(blobs))
     except Exception as exc:
@@ -170,19 +180,26 @@ def _page_regions(
 
 def run_layout(
     pages: pa.Table,
-    image_at: ImageAt,
+    shard: Shard,
     backend: LayoutBackend,
     *,
     recover_text: bool = True,
     report: StageReport | None = None,
-) -> tuple[pa.Table, StageReport]:
-    """Layout regions of the ``ok`` pages of a PAGES table, as a LAYOUT table.
+    sink: Sink | None = None,
+    batch_rows: int = BATCH_ROWS,
+) -> tuple[pa.Table | None, StageReport]:
+    """Layout regions of the ``ok`` pages of ``pages``, as LAYOUT rows (with polygons where the
+    backend keeps them).
 
-    ``image_at(row)`` returns the stored image bytes of source row ``row``. Regions are
-    numbered ``region`` 0..n-1 in reading order per page; source is ``model`` or
-    ``recovered`` (ink outside every model box, when ``recover_text``). Every ``ok`` page ends
-    with regions, none (no row; counted as ``pages_without_regions``) or one error row; a page
-    left unanswered is a bug and raises RuntimeError. A device fault raises ``DeviceFault``.
+    ``pages`` needs only the columns page_id, row, page and status of the PAGES table; each page's
+    pixels come from ``shard.read_pages`` one batch at a time. Regions are numbered ``region``
+    0..n-1 in reading order per page; source is ``model`` or ``recovered`` (ink outside every
+    model box, when ``recover_text``). Every ``ok`` page ends with regions, none (no row; counted
+    as ``pages_without_regions``) or one error row; a page left unanswered is a bug and raises
+    RuntimeError. A device fault raises ``DeviceFault``.
+
+    With a ``sink``, tables of whole pages (about ``batch_rows`` rows) go to it in page order and
+    the table returned is None; without one, the whole table is returned.
     """
     report = report if report is not None else StageReport()
     report.info["backend"] = backend.name
@@ -192,6 +209,10 @@ def run_layout(
         report.count(name, 0)
     schema = layout_schema(backend.keep_polygons)
     cols: dict[str, list] = {name: [] for name in schema.names}
+    parts: list[pa.Table] | None = None
+    if sink is None:
+        parts = []
+        sink = parts.append
 
     def emit(page_id, region, label, task, score, box, source, status="ok", error=None, polygon=None):
         for name, value in zip(
@@ -208,30 +229,36 @@ def run_layout(
         report.count("errors")
         emit(page_id, PAGE_ERROR_REGION, "page", "skip", None, (None,) * 4, None, "error", reason)
 
+    def flush() -> None:
+        if cols["page_id"]:
+            sink(pa.table(cols, schema=schema))
+            for values in cols.values():
+                values.clear()
+
     with timed_stage(report):
-        ok = pc.equal(pages.column("status"), "ok")
-        todo = pages.filter(ok)
+        todo = pages.select(["page_id", "row", "page", "status"]).filter(pc.equal(pages.column("status"), "ok"))
         page_ids = todo.column("page_id").to_pylist()
-        rows = todo.column("row").to_pylist()
-        state = [UNANSWERED] * len(rows)
+        keys = list(zip(todo.column("row").to_pylist(), todo.column("page").to_pylist()))
+        del todo
+        state = [UNANSWERED] * len(keys)
         size = max(1, int(backend.batch_size))
-        batches = [range(i, min(i + size, len(rows))) for i in range(0, len(rows), size)]
+        batches = [range(i, min(i + size, len(keys))) for i in range(0, len(keys), size)]
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layout-prepare") as pool:
             def submit(batch: range) -> Future:
-                return pool.submit(_prepare, backend, image_at, [rows[i] for i in batch],
+                return pool.submit(_prepare, backend, shard, [keys[i] for i in batch],
                                    [page_ids[i] for i in batch])
 
             pending = submit(batches[0]) if batches else None
             for b, batch in enumerate(batches):
                 prepared = pending.result()
-                # the next batch is decoded and preprocessed while the model runs on this one
+                # the next batch is read, decoded and preprocessed while the model runs on this one
                 pending = submit(batches[b + 1]) if b + 1 < len(batches) else None
                 for p in prepared:
                     if isinstance(p, PreparedPage):
                         report.parts["decode"] = report.parts.get("decode", 0.0) + p.decode_seconds
                         report.parts["preprocess"] = report.parts.get("preprocess", 0.0) + p.preprocess_seconds
                 report.pages += len(batch)
-                report.advance(len(batch), len(rows))
+                report.advance(len(batch), len(keys))
                 good = [(i, p) for i, p in zip(batch, prepared) if isinstance(p, PreparedPage)]
                 # per page: detections, or the reason it failed; a page missing here stays unanswered
                 outcome = {i: p for i, p in zip(batch, prepared) if isinstance(p, str)}
@@ -262,6 +289,8 @@ def run_layout(
                     report.count("recovered_regions", sum(s == "recovered" for _, _, s in regions))
                     state[i] = REGIONS if regions else NO_REGIONS
                 del prepared, good, pages_by_index  # free the pages before the next batch
+                if len(cols["page_id"]) >= batch_rows:
+                    flush()
         unanswered = [page_ids[i] for i, s in enumerate(state) if s == UNANSWERED]
         if unanswered:
             raise RuntimeError(
@@ -269,8 +298,10 @@ def run_layout(
                 f"a bug in the layout stage, not in the pages"
             )
         report.count("pages_without_regions", state.count(NO_REGIONS))
-        table = pa.table(cols, schema=schema)
-    return table, report
+        flush()
+    if parts is None:
+        return None, report
+    return (pa.concat_tables(parts) if parts else schema.empty_table()), report
 
 
 def _detect(backend: LayoutBackend, images: list[PreparedPage], page_ids: list[str], report: StageReport) -> list:

@@ -10,6 +10,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from ocr_assets.imaging import decode_page
+from ocr_assets.sources.base import Pixels
 from ocr_assets.timing import StageReport
 
 
@@ -90,8 +91,11 @@ class LayoutBackend(Protocol):
     keep_polygons: bool  # whether detections carry polygons (the LAYOUT table then has a polygon column)
     info: dict[str, str | int | float]  # device, dtype, model id...: shown in the stage's metadata
 
-    def prepare(self, blobs: Sequence[bytes | memoryview | None]) -> list[PreparedPage | str]:
+    def prepare(self, blobs: Sequence[Pixels | None]) -> list[PreparedPage | str]:
         """Decode each page once and preprocess it for the model; a page that fails gives its reason.
+
+        A page is encoded bytes as stored, or an array already decoded (BGR uint8, H x W x 3: a
+        rendered PDF page, a TIFF frame), which is taken as it is.
 
         The layout stage calls this one batch ahead of ``detect``, from another thread, so
         decoding and preprocessing overlap the model.
@@ -109,8 +113,8 @@ class LayoutBackend(Protocol):
         ...
 
 
-def decode_blob(data: bytes | memoryview | None) -> tuple[np.ndarray | None, str | None, float]:
-    """(BGR page, reason it failed, seconds) for one stored page image, decoded with cv2; never raises."""
+def decode_blob(data: Pixels | None) -> tuple[np.ndarray | None, str | None, float]:
+    """(BGR page, reason it failed, seconds) for one page's pixels (``decode_page``); never raises."""
     start = time.perf_counter()
     try:
         if data is None:
@@ -121,9 +125,9 @@ def decode_blob(data: bytes | memoryview | None) -> tuple[np.ndarray | None, str
 
 
 def prepare_with(
-    blobs: Sequence[bytes | memoryview | None], preprocess: Callable[[np.ndarray], Any]
+    blobs: Sequence[Pixels | None], preprocess: Callable[[np.ndarray], Any]
 ) -> list[PreparedPage | str]:
-    """``prepare`` for backends that take host arrays: cv2 decode, then ``preprocess`` each page."""
+    """``prepare`` for backends that take host arrays: ``decode_page``, then ``preprocess`` each page."""
     out: list[PreparedPage | str] = []
     for data in blobs:
         page, error, seconds = decode_blob(data)

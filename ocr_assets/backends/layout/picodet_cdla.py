@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ocr_assets import config
-from ocr_assets.backends.layout.base import Detection, PreparedPage, ensure_prepared, prepare_with
+from ocr_assets.backends.layout.base import Detection, Pixels, PreparedPage, ensure_prepared, prepare_with
 from ocr_assets.timing import StageReport
 
 INPUT_HEIGHT, INPUT_WIDTH = 800, 608
@@ -192,8 +192,8 @@ class PicodetCdlaBackend:
             for c, s, a, b in zip(cls.tolist(), conf.tolist(), lo, hi)
         ]
 
-    def prepare(self, blobs: Sequence[bytes | memoryview | None]) -> list[PreparedPage | str]:
-        """Decode each stored page with cv2 and make its model input."""
+    def prepare(self, blobs: Sequence[Pixels | None]) -> list[PreparedPage | str]:
+        """Decode each stored page with cv2 (a decoded array is taken as it is) and make its model input."""
         return prepare_with(blobs, self.preprocess)
 
     def detect(

@@ -24,7 +24,7 @@ import torch
 
 from ocr_assets import config
 from ocr_assets.backends.layout import pp_postprocess as post
-from ocr_assets.backends.layout.base import Detection, PreparedPage, ensure_prepared, prepare_with
+from ocr_assets.backends.layout.base import Detection, Pixels, PreparedPage, ensure_prepared, prepare_with
 from ocr_assets.image_header import read_header, read_orientation
 from ocr_assets.imaging import check_pixels
 from ocr_assets.timing import StageReport
@@ -266,8 +266,9 @@ class PPDocLayoutV3Backend:
         )
         return resized[0].clamp_(0, 255).round_().to(torch.uint8)
 
-    def prepare(self, blobs: Sequence[bytes | memoryview | None]) -> list[PreparedPage | str]:
-        """Decode each page once and resize it to the model's input; on CUDA, JPEGs decode on the GPU."""
+    def prepare(self, blobs: Sequence[Pixels | None]) -> list[PreparedPage | str]:
+        """Decode each page once and resize it to the model's input; on CUDA, JPEG bytes decode on the
+        GPU; decoded arrays (rendered PDF pages) and other formats are resized on the host."""
         blobs = list(blobs)
         out: list[PreparedPage | str | None] = [None] * len(blobs)
         if self.device.type == "cuda":
@@ -361,9 +362,10 @@ class PPDocLayoutV3Backend:
         ]
 
 
-def _decodes_on_device(data: bytes | memoryview | None) -> bool:
-    """Whether nvJPEG takes this page: a JPEG within the pixel limit (cv2 refuses the rest with a reason)."""
-    if data is None or bytes(data[:3]) != JPEG_MAGIC:
+def _decodes_on_device(data: bytes | memoryview | np.ndarray | None) -> bool:
+    """Whether nvJPEG takes this page: JPEG bytes within the pixel limit (cv2 refuses the rest with a
+    reason; a page already decoded, such as a rendered PDF page, goes the host path)."""
+    if data is None or isinstance(data, np.ndarray) or bytes(data[:3]) != JPEG_MAGIC:
         return False
     try:
         header = read_header(data)
