@@ -267,7 +267,7 @@ def documents(context: dg.AssetExecutionContext, dataset: DatasetResource, stora
             store.batches("recognition", key, columns=RECOGNITION_COLUMNS),
             report=StageReport(label=f"documents {key}"), sink=written.write,
         )
-    rows = store.read("documents", key, columns=["row", "status"])
+    rows = store.read("documents", key, columns=["row", "status", "page_status"])
     first = _texts(store, "documents", key, "markdown", 1)
     return publish(
         context, written, report,

@@ -38,9 +38,15 @@ def every_source_row_has_pages(pages: pa.Table, source_rows: int) -> tuple[bool,
     """
     distinct, outside = _rows_in_shard(pages.column("row"), source_rows)
     repeated = pages.num_rows - (pages.group_by(["row", "page"]).aggregate([]).num_rows if pages.num_rows else 0)
-    return distinct == source_rows and outside == 0 and repeated == 0, {
+    gaps = 0  # rows whose pages are not 0 .. n-1 (a page lost inside a row)
+    if pages.num_rows:
+        per_row = pages.group_by("row").aggregate([("page", "count"), ("page", "min"), ("page", "max")])
+        gaps = per_row.num_rows - (pc.sum(pc.and_(
+            pc.equal(per_row.column("page_min"), 0),
+            pc.equal(pc.add(per_row.column("page_max"), 1), per_row.column("page_count")))).as_py() or 0)
+    return distinct == source_rows and outside == 0 and repeated == 0 and gaps == 0, {
         "source_rows": source_rows, "pages": pages.num_rows, "missing_rows": source_rows - distinct,
-        "rows_outside_the_shard": outside, "repeated_pages": repeated,
+        "rows_outside_the_shard": outside, "repeated_pages": repeated, "rows_missing_a_page": gaps,
     }
 
 
@@ -74,9 +80,11 @@ def layout_page_error_rate(pages: pa.Table, layout: pa.Table) -> tuple[bool, dic
 
 
 def documents_page_error_rate(documents: pa.Table) -> tuple[bool, dict]:
-    """Share of the shard's documents (one per source row) whose status is ``error``; reads ``status``."""
-    failed = pc.sum(pc.equal(documents.column("status"), "error")).as_py() or 0
-    return _page_error_rate(failed, documents.num_rows)
+    """Share of the shard's pages whose status in `documents` is ``error``, over every page of every
+    source row (a 100-page PDF counts 100 pages); reads ``page_status``."""
+    statuses = pc.list_flatten(documents.column("page_status"))
+    failed = pc.sum(pc.equal(statuses, "error")).as_py() or 0
+    return _page_error_rate(failed, len(statuses))
 
 
 def error_rate(recognition: pa.Table) -> tuple[bool, dict]:

@@ -124,6 +124,20 @@ def max_pixels() -> int:
     return env_number(ENV_MAX_PIXELS, DEFAULT_MAX_PIXELS, int, low=1)
 
 
+def usable_cores() -> int:
+    """CPU cores this process may use: its affinity, capped by a cgroup v2 CPU quota (a Kubernetes
+    pod limited to 4 CPUs on a 128-core node gets 4)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota: the affinity stands
+    return cores
+
+
 def pdf_dpi() -> int:
     """The resolution PDF pages are rendered at (OCR_ASSETS_PDF_DPI)."""
     return env_number(ENV_PDF_DPI, DEFAULT_PDF_DPI, int, low=18, high=1200)

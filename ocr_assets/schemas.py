@@ -76,6 +76,7 @@ DOCUMENTS = pa.schema([
     ("status", pa.string()),
     ("markdown", pa.string()),  # every page in order, each after a "<!-- page N -->" line but the first
     ("page_markdown", pa.list_(pa.string())),  # one Markdown per page, in page order
+    ("page_status", pa.list_(pa.string())),  # each page's status, in page order
     ("regions", pa.string()),  # JSON list over the row's pages: page, region, label, task, box, text, status
     ("error", pa.string()),
 ])

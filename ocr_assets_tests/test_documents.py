@@ -199,3 +199,20 @@ def test_streamed_rows_out_of_the_pages_order_are_refused_not_lost():
     late = pa.concat_tables([layout.slice(1), layout.slice(0, 1)])  # doc/0's region after every other page's
     with pytest.raises(RuntimeError, match=r"layout rows of page 'doc/0' come after .* not in the pages' order"):
         assemble_documents(pages, _batches(late), _batches(recognition))
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_rows_of_a_page_the_pages_table_does_not_hold_are_refused(streamed):
+    """Layout made from another pages output (ids changed) would otherwise vanish into an empty document."""
+    pages, layout, recognition = _multi_tables()
+    stale = pa.concat_tables([layout, layout.slice(0, 1).set_column(0, "page_id", pa.array(["old-id"]))])
+    with pytest.raises(RuntimeError, match=r"page 'old-id', which the pages table does not hold.*materialize"):
+        assemble_documents(pages, _batches(stale) if streamed else stale, recognition)
+
+
+def test_page_status_lists_every_page_for_the_page_error_rate():
+    pages, layout, recognition = _multi_tables()
+    table, _ = assemble_documents(pages, layout, recognition)
+    docs = {d["page_id"]: d["page_status"] for d in table.to_pylist()}
+    assert docs["doc"] == ["ok", "error", "ok"] and docs["lost"] == ["error", "empty"]
+    assert docs["allbad"] == ["error"] * 3 and docs["single"] == ["ok"]

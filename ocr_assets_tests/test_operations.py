@@ -70,6 +70,8 @@ def test_check_functions_fail_where_they_should(monkeypatch):
     assert not passed and meta["missing_rows"] == 1
     passed, meta = checks.every_source_row_has_pages(pa.table({"row": [0, 1, 7], "page": [0, 0, 0]}), 3)
     assert not passed and meta["missing_rows"] == 1 and meta["rows_outside_the_shard"] == 1
+    passed, meta = checks.every_source_row_has_pages(pa.table({"row": [0, 0, 1], "page": [0, 2, 0]}), 2)
+    assert not passed and meta["rows_missing_a_page"] == 1  # row 0 lost its page 1
     passed, meta = checks.every_source_row_has_pages(pa.table({"row": [0, 0, 1], "page": [0, 0, 0]}), 2)
     assert not passed and meta["repeated_pages"] == 1
     pages = pa.table({"page_id": ["a", "b", "c", "d"], "status": ["ok", "error", "ok", "ok"]})
@@ -77,9 +79,13 @@ def test_check_functions_fail_where_they_should(monkeypatch):
     passed, meta = checks.layout_page_error_rate(pages, layout)  # b failed in pages, c at layout
     assert not passed and meta["failed_pages"] == 2 and meta["page_error_rate"] == 0.5
     assert checks.layout_page_error_rate(pages.slice(0, 1), layout.slice(0, 1))[0]
-    docs = pa.table({"status": ["ok"] * 99 + ["error"]})
+    docs = pa.table({"page_status": [["ok"]] * 99 + [["error"]]})
     assert checks.documents_page_error_rate(docs)[0]  # 1 in 100: at the default 0.01
-    assert not checks.documents_page_error_rate(pa.table({"status": ["ok"] * 98 + ["error", "partial"] + ["error"]}))[0]
+    assert not checks.documents_page_error_rate(pa.table({"page_status": [["ok"]] * 98 + [["error"], ["ok"]]
+                                                          + [["error"]]}))[0]
+    # pages, not documents: one 100-page PDF with 99 failed pages is one partial document
+    passed, meta = checks.documents_page_error_rate(pa.table({"page_status": [["ok"] + ["error"] * 99]}))
+    assert not passed and meta["failed_pages"] == 99 and meta["pages"] == 100
     monkeypatch.setenv(config.ENV_MAX_PAGE_ERROR_RATE, "0.5")
     assert checks.layout_page_error_rate(pages, layout)[0]
     rec = pa.table({"region": [0, 1, 2, -1], "status": ["ok", "error", "ok", "error"]})

@@ -441,3 +441,25 @@ def test_pdf_pages_are_sized_and_rendered_at_the_configured_dpi(tmp_path, monkey
     infos, pixels = _pages(str(tmp_path), "d")
     assert [(p.format, p.width, p.height) for p in infos[0]] == [("pdf", 288, 216)]
     assert pixels[0].shape == (216, 288, 3)
+
+
+def test_a_pdf_column_is_the_content_beside_an_image_column():
+    """Datasets of PDFs often carry a thumbnail Image column: the pages are the PDF's."""
+    schema = _schema({"thumbnail": _IMAGE_STRUCT, "pdf": _IMAGE_STRUCT},
+                     {"thumbnail": {"_type": "Image"}, "pdf": {"_type": "Pdf"}})
+    column = choose_content(schema, "k", None, _no_head)
+    assert (column.name, column.claim) == ("pdf", "pdf")
+
+
+def test_a_pdf_renderer_that_cannot_run_fails_the_read_not_the_pages(tmp_path, monkeypatch):
+    """A pool that cannot start would fail every PDF page the same way: a broken setup, not bad rows."""
+    from ocr_assets.sources import pdf as pdf_module
+
+    def no_room(self, batch):
+        raise OSError("neither /dev/shm nor TMPDIR is writable")
+
+    monkeypatch.setattr(pdf_module.PdfRenderer, "render", no_room)
+    pq.write_table(pa.table({"doc": [text_pdf([page_lines(1)])]}), tmp_path / "d.parquet")
+    with open_shard(str(tmp_path / "d.parquet"), "d") as shard:
+        with pytest.raises(RuntimeError, match="PDF renderer of shard 'd' could not run.*TMPDIR"):
+            shard.read_pages([(0, 0)])

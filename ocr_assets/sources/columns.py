@@ -123,10 +123,11 @@ def choose_content(schema: pa.Schema, key: str, override: str | None, head: Colu
     if override:
         return _checked_override(schema, key, override, feats, head)
     shapes = {f.name: content_shape(f.type) for f in schema}
-    for field in schema:
-        claim = feature_claim(feats.get(field.name))
-        if claim is not None and shapes[field.name] is not None:
-            return ContentColumn(field.name, claim[0], shapes[field.name][1], "features")
+    claimed = [(field, feature_claim(feats.get(field.name))) for field in schema]
+    claimed = [(field, claim) for field, claim in claimed if claim is not None and shapes[field.name] is not None]
+    # a Pdf column is the document itself; an Image column beside it is most often a thumbnail
+    for field, claim in sorted(claimed, key=lambda fc: fc[1][0] != "pdf"):
+        return ContentColumn(field.name, claim[0], shapes[field.name][1], "features")
     for field in schema:  # Image-like storage written without features
         shape = shapes[field.name]
         if shape is not None and shape[0] == "struct" and field.name not in feats:

@@ -397,7 +397,7 @@ class PdfRenderer:
 
     def __init__(self, dpi: int | None = None, workers: int | None = None) -> None:
         self.dpi = config.pdf_dpi() if dpi is None else int(dpi)
-        self.workers = len(os.sched_getaffinity(0)) if workers is None else int(workers)
+        self.workers = config.usable_cores() if workers is None else int(workers)
         if self.workers < 1:
             raise ValueError(f"PdfRenderer needs at least 1 worker, got {workers}")
         if multiprocessing.current_process().daemon:  # a daemonic process may not start processes

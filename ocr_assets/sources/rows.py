@@ -168,11 +168,14 @@ class RowShard:
         try:
             if self._renderer is None:
                 self._renderer = PdfRenderer(dpi=self._reader.dpi)
-            return self._renderer.render(jobs)
-        except Exception as exc:  # the pool itself failed: these pages fail, the next batch starts a new pool
+            return self._renderer.render(jobs)  # one page's or one document's fault comes back as a value
+        except Exception as exc:  # the pool itself cannot run: every PDF page would fail the same way
             if self._renderer is not None:
                 try:
                     self._renderer.close()
                 finally:
                     self._renderer = None
-            return [PageReadError(f"the PDF page could not be rendered: {type(exc).__name__}: {exc}")] * len(jobs)
+            raise RuntimeError(
+                f"the PDF renderer of shard {self.key!r} could not run ({type(exc).__name__}: {exc}); it needs "
+                f"/dev/shm or TMPDIR writable and room to start one process per core"
+            ) from exc

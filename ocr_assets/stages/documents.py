@@ -52,7 +52,7 @@ RECOGNITION_COLUMNS = ["page_id", "region", "text", "status", "error"]
 
 def _in_page_order(data: Rows, position: dict[str, int], columns: list[str]) -> Iterator[pa.RecordBatch]:
     """Record batches of ``columns`` only; a table out of the pages' order is put in it first (its
-    rows are in memory already), rows of pages not in the pages table dropped."""
+    rows are in memory already); RuntimeError for rows of a page the pages table does not hold."""
     if isinstance(data, pa.Table):
         table = data.select(columns)
         if table.num_rows:
@@ -61,8 +61,10 @@ def _in_page_order(data: Rows, position: dict[str, int], columns: list[str]) -> 
             known = pc.is_valid(positions)
             kept = pc.drop_null(positions)
             ordered = pc.all(pc.greater_equal(kept[1:], kept[:-1])).as_py() is not False  # None: under two rows
-            if not ordered or len(kept) < table.num_rows:
-                table = table.filter(known)
+            if len(kept) < table.num_rows:
+                foreign = table.filter(pc.invert(known)).column("page_id")[0].as_py()
+                raise _foreign_page(foreign)
+            if not ordered:
                 table = table.take(pc.sort_indices(kept))
         yield from table.to_batches()
         return
@@ -83,6 +85,14 @@ def _runs(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[str, list[tuple]]
             rows.append(row)
     if rows:
         yield current, rows
+
+
+def _foreign_page(page_id: str, name: str = "layout or recognition") -> RuntimeError:
+    return RuntimeError(
+        f"{name} has rows of page {page_id!r}, which the pages table does not hold: it was made from "
+        f"another pages output (a changed OCR_ASSETS_ID_COLUMN or dataset); materialize layout, crops "
+        f"and recognition again"
+    )
 
 
 class _PageRows:
@@ -106,8 +116,8 @@ class _PageRows:
             if at is not None and at > index:  # a later page's rows: kept for it
                 return rows
             self._head = None
-            if at is None:  # not a page of this shard's pages: no document to put it in
-                continue
+            if at is None:  # not a page of this shard's pages: made from another pages output
+                raise _foreign_page(run_id, self.name)
             if at < index:
                 raise self._out_of_order(run_id, page_id)
             rows.extend(run)
@@ -115,8 +125,9 @@ class _PageRows:
     def drain(self, last_page_id: str) -> None:
         """Read to the end, so rows of an already assembled page are reported, never lost."""
         for run_id, _ in itertools.chain([self._head] if self._head else [], self._runs):
-            if run_id in self.position:
-                raise self._out_of_order(run_id, last_page_id)
+            if run_id not in self.position:
+                raise _foreign_page(run_id, self.name)
+            raise self._out_of_order(run_id, last_page_id)
         self._head = None
 
     def _out_of_order(self, run_id: str, later: str) -> RuntimeError:
@@ -316,6 +327,7 @@ def assemble_documents(
                 out["status"].append(status)
                 out["markdown"].append("\n\n".join(blocks))
                 out["page_markdown"].append(markdowns)
+                out["page_status"].append(statuses)
                 out["regions"].append(json.dumps(regions, ensure_ascii=False))
                 out["error"].append(_row_error(reasons, hi - lo > 1))
                 report.count(status)
