@@ -23,7 +23,7 @@ from ocr_assets.backends.layout import (
     LAYOUT_BACKENDS, LayoutBackend, create_layout_backend, resolve_layout_backend,
 )
 from ocr_assets.backends.recognition import RECOGNIZERS, Recognizer, create_recognizer, resolve_recognizer
-from ocr_assets.dataset import Shard, ShardRef, list_shards, open_shard, source_row_count
+from ocr_assets.sources import Shard, ShardRef, list_shards, open_shard, source_row_count
 from ocr_assets.storage import ParquetStore
 
 _models: dict[tuple, Any] = {}
@@ -69,11 +69,12 @@ class DatasetResource(dg.ConfigurableResource):
 
 def ensure_sample(folder: str) -> Path:
     """The sample dataset folder, generated on first use."""
-    path = Path(folder)
-    if not (path / "state.json").exists():
-        from ocr_assets.sample import write_sample
+    from ocr_assets.sample import MULTIPAGE_SHARDS, write_sample
 
-        write_sample(path)
+    path = Path(folder)
+    # a sample written before the documents shards existed is written again, whole
+    if not all((path / name).exists() for name in ("state.json", *MULTIPAGE_SHARDS)):
+        write_sample(path, documents=True)
     return path
 
 

@@ -29,6 +29,8 @@ INK = (20, 20, 20)
 HEADER_TEXT = "Journal of Synthetic Documents — page {n}"
 FOOTER_TEXT = "Synthetic Documents Press"
 JPEG_QUALITY = 90
+# written beside the save_to_disk shards by ``write_sample(documents=True)``
+MULTIPAGE_SHARDS = ("documents-pdf.parquet", "documents-multipage.parquet")
 
 # Common English words, none of them in the running header or footer.
 VOCABULARY = """
@@ -373,11 +375,77 @@ def encode_page(page: Image.Image, index: int) -> bytes:
     return buf.getvalue()
 
 
-def write_sample(dest: str | Path, pages: int = 16, shards: int = 2, seed: int = 0) -> Path:
+def text_pdf(pages: list[list[str]], page_inches: tuple[float, float] = (8.5, 11), fontsize: float = 11,
+             top: float = 0.92, line_step: float = 0.028) -> bytes:
+    """A PDF with a real text layer: each page's lines set in DejaVu Sans by matplotlib's PDF
+    backend (TrueType fonts embedded, so the text can be extracted). Pages are ``page_inches``
+    (US letter unless given); line k's baseline sits at ``top - line_step * k`` of the page
+    height, 10% in from the left edge. The same arguments give the same bytes."""
+    import matplotlib
+    from matplotlib.backends.backend_pdf import PdfPages
+    from matplotlib.figure import Figure
+
+    buf = io.BytesIO()
+    with matplotlib.rc_context({"pdf.fonttype": 42, "font.family": "DejaVu Sans"}):
+        with PdfPages(buf, metadata={"CreationDate": None, "Creator": None, "Producer": None}) as pdf:
+            for lines in pages:
+                figure = Figure(figsize=page_inches)
+                for k, line in enumerate(lines):
+                    figure.text(0.1, top - line_step * k, line, fontsize=fontsize)
+                pdf.savefig(figure)
+    return buf.getvalue()
+
+
+def _pdf_page_lines(rng: random.Random, title: str) -> list[str]:
+    """A title and a few short paragraphs, wrapped to about 80 characters a line."""
+    lines = [title, ""]
+    for _ in range(3):
+        words = " ".join(_sentence(rng) for _ in range(3)).split()
+        line: list[str] = []
+        for word in words:
+            if line and len(" ".join(line)) + 1 + len(word) > 80:
+                lines.append(" ".join(line))
+                line = []
+            line.append(word)
+        lines += [" ".join(line), ""]
+    return lines[:-1]
+
+
+def _write_documents(dest: Path, seed: int) -> None:
+    """The two documents shards: ``documents-pdf.parquet`` (a datasets ``Pdf`` column: a two-page
+    and a one-page PDF with a text layer) and ``documents-multipage.parquet`` (a ``List(Image)``
+    column: two pages, then one), each with ``id`` and ``ground_truth`` (pages joined by a blank line)."""
+    import datasets
+
+    rng = random.Random(f"ocr_assets.sample.pdf:{seed}")
+    pdfs, pdf_truths = [], []
+    for doc, n_pages in enumerate((2, 1)):
+        pages = [_pdf_page_lines(rng, f"Document {doc + 1}, page {p + 1}") for p in range(n_pages)]
+        pdfs.append({"bytes": text_pdf(pages), "path": None})
+        pdf_truths.append("\n\n".join("\n".join(line for line in page if line) for page in pages))
+    pdf_features = datasets.Features({"id": datasets.Value("string"), "pdf": datasets.Pdf(),
+                                      "ground_truth": datasets.Value("string")})
+    datasets.Dataset.from_dict({"id": ["pdf-0000", "pdf-0001"], "pdf": pdfs, "ground_truth": pdf_truths},
+                               features=pdf_features).to_parquet(str(dest / MULTIPAGE_SHARDS[0]))
+    images, truths, start = [], [], 1000  # page indices apart from the image shards' pages
+    for n_pages in (2, 1):
+        rendered = [render_page(start + k, seed) for k in range(n_pages)]
+        images.append([{"bytes": encode_page(page, start + k), "path": None} for k, (page, _) in enumerate(rendered)])
+        truths.append("\n\n".join(truth for _, truth in rendered))
+        start += n_pages
+    list_features = datasets.Features({"id": datasets.Value("string"), "pages": datasets.List(datasets.Image()),
+                                       "ground_truth": datasets.Value("string")})
+    datasets.Dataset.from_dict({"id": ["multipage-0000", "multipage-0001"], "pages": images, "ground_truth": truths},
+                               features=list_features).to_parquet(str(dest / MULTIPAGE_SHARDS[1]))
+
+
+def write_sample(dest: str | Path, pages: int = 16, shards: int = 2, seed: int = 0, documents: bool = False) -> Path:
     """Write the sample dataset to `dest` with `datasets.Dataset.save_to_disk` and return the folder.
 
     Columns: `id` ("sample-0000", ...), `image` (a datasets `Image()` feature holding PNG or
-    JPEG bytes) and `ground_truth`. The same arguments write identical bytes every time. The
+    JPEG bytes) and `ground_truth`. With ``documents``, two more shards hold multi-page rows:
+    ``documents-pdf`` (PDFs) and ``documents-multipage`` (lists of images); see
+    ``_write_documents``. The same arguments write identical bytes every time. The
     dataset is saved to a temporary folder beside `dest` and renamed into place, so a
     half-written folder is never taken for a finished one; an existing `dest` is replaced.
     """
@@ -402,6 +470,8 @@ def write_sample(dest: str | Path, pages: int = 16, shards: int = 2, seed: int =
     datasets.disable_progress_bars()  # a progress bar for a few pages is noise in `ocr-assets run`
     try:
         dataset.save_to_disk(str(tmp), num_shards=shards)
+        if documents:
+            _write_documents(tmp, seed)
         if dest.exists():
             # Move the old folder aside first so `dest` is never a mix of old and new files.
             old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"

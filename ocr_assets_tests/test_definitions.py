@@ -13,11 +13,11 @@ from ocr_assets.resources import DatasetResource, LayoutResource, RecognizerReso
 from ocr_assets.sensors import shard_sensor
 
 REQUIRED_COLUMNS = {
-    "pages": {"page_id", "shard", "row", "format", "width", "height", "nbytes", "status", "error"},
+    "pages": {"page_id", "shard", "row", "page", "format", "width", "height", "nbytes", "status", "error"},
     "layout": {"page_id", "region", "label", "task", "score", "x0", "y0", "x1", "y1"},
     "crops": {"page_id", "region", "task", "image", "width", "height"},
     "recognition": {"page_id", "region", "task", "text", "status", "error"},
-    "documents": {"page_id", "shard", "row", "status", "markdown", "error"},
+    "documents": {"page_id", "shard", "row", "pages", "status", "markdown", "page_markdown", "error"},
 }
 TIMING_PARTS = {
     "layout": {"decode_seconds", "preprocess_seconds", "inference_seconds", "postprocess_seconds"},
@@ -89,7 +89,12 @@ def test_every_asset_writes_its_parquet_contract(materialized):
 def test_every_asset_reports_timings(materialized):
     _, _, events = materialized
     assert set(events) == set(REQUIRED_COLUMNS)
+    key, storage, _ = materialized
     for name, metadata in events.items():
+        # the row count and schema are those of the file written in row groups
+        file = pq.ParquetFile(f"{storage}/{name}/{key}.parquet")
+        assert metadata["dagster/row_count"].value == file.metadata.num_rows, name
+        assert [c.name for c in metadata["dagster/column_schema"].schema.columns] == file.schema_arrow.names, name
         for required in ("stage_seconds", "pages_per_second", "dagster/row_count", "dagster/column_schema", "uri"):
             assert required in metadata, (name, required)
         assert metadata["stage_seconds"].value > 0
@@ -108,3 +113,4 @@ def test_sensor_registers_new_shards_once(small_dataset, tmp_path):
         instance.add_dynamic_partitions(SHARDS, added)
         again = shard_sensor(dg.build_sensor_context(instance=instance, resources=resources))
         assert not again.run_requests and not again.dynamic_partitions_requests
+

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+import pypdfium2
 import pytest
 from PIL import Image
 
@@ -16,6 +19,7 @@ from ocr_assets.sample import (
     BODY_TOP,
     FOOTER_TEXT,
     HEADER_TEXT,
+    MULTIPAGE_SHARDS,
     PAGE_HEIGHT,
     PAGE_WIDTH,
     TABLE_HEADERS,
@@ -36,6 +40,17 @@ def _read_rows(folder):
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     return write_sample(tmp_path_factory.mktemp("sample") / "ds", pages=PAGES, shards=2)
+
+
+@pytest.fixture(scope="module")
+def with_documents(tmp_path_factory):
+    return write_sample(tmp_path_factory.mktemp("documents") / "ds", pages=2, shards=1, documents=True)
+
+
+def _documents(folder, name: str) -> tuple[dict, list[dict]]:
+    """The features and rows of a documents shard, as stored (no decoding)."""
+    table = pq.read_table(folder / name)
+    return json.loads(table.schema.metadata[b"huggingface"])["info"]["features"], table.to_pylist()
 
 
 def test_two_writes_give_identical_files(sample, tmp_path):
@@ -124,3 +139,41 @@ def test_title_ink_reads_as_its_ground_truth():
     read = words(" ".join(result.txts or ()))
     assert len(read) >= 3
     assert read == title[: len(read)]
+
+
+def test_documents_shards_are_written_identically_beside_the_image_shards(with_documents, tmp_path):
+    assert sorted(p.name for p in with_documents.iterdir()) == sorted(
+        ["data-00000-of-00001.arrow", "dataset_info.json", "state.json", *MULTIPAGE_SHARDS])
+    again = write_sample(tmp_path / "again", pages=2, shards=1, documents=True)
+    for name in MULTIPAGE_SHARDS:
+        assert (with_documents / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_pdf_text_layer_is_the_ground_truth(with_documents):
+    features, rows = _documents(with_documents, "documents-pdf.parquet")
+    assert features["pdf"] == {"_type": "Pdf"}
+    assert [row["id"] for row in rows] == ["pdf-0000", "pdf-0001"]
+    pages_per_row = []
+    for row in rows:
+        document = pypdfium2.PdfDocument(row["pdf"]["bytes"])
+        try:
+            texts = [document[k].get_textpage().get_text_range() for k in range(len(document))]
+        finally:
+            document.close()
+        pages_per_row.append(len(texts))
+        truths = row["ground_truth"].split("\n\n")  # pages are joined by a blank line
+        assert [words(text) for text in texts] == [words(truth) for truth in truths]
+        assert all(len(words(truth)) > 50 for truth in truths)
+    assert pages_per_row == [2, 1]
+
+
+def test_multipage_rows_hold_two_pages_then_one(with_documents):
+    features, rows = _documents(with_documents, "documents-multipage.parquet")
+    assert features["pages"] == {"_type": "List", "feature": {"_type": "Image"}}
+    assert [row["id"] for row in rows] == ["multipage-0000", "multipage-0001"]
+    assert [len(row["pages"]) for row in rows] == [2, 1]
+    for row in rows:
+        assert len(row["ground_truth"].split("\n\n")) == len(row["pages"])  # a truth per page
+        for page in row["pages"]:
+            with Image.open(io.BytesIO(page["bytes"])) as img:
+                assert img.size == (PAGE_WIDTH, PAGE_HEIGHT)
