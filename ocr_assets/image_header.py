@@ -19,6 +19,7 @@ _JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xC
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8), 0xD8})
 _JPEG_MAX_SEGMENTS = 1024
 _TIFF_MAX_ENTRIES = 4096
+_TIFF_MAX_FRAMES = 100_000
 _CHUNK_MAX = 256  # PNG / WebP chunks walked looking for EXIF
 _ORIENTATION_TAG = 0x0112
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -194,19 +195,36 @@ def _webp(view: memoryview) -> ImageHeader:
 
 
 def _tiff(view: memoryview) -> tuple[ImageHeader, int]:
+    order, ifd = _tiff_start(view)
+    width, height, orientation, _ = _tiff_ifd(view, order, ifd)
+    return ImageHeader("tiff", width, height), orientation
+
+
+def _tiff_start(view: memoryview) -> tuple[str, int]:
+    """(byte order, offset of the first IFD) of a classic TIFF."""
     _need(view, 8, "tiff")
     order = "<" if bytes(view[:2]) == b"II" else ">"
     (magic,) = struct.unpack_from(order + "H", view, 2)
     if magic != 42:
         raise ImageHeaderError("BigTIFF is not supported", "tiff")
     (ifd,) = struct.unpack_from(order + "I", view, 4)
+    return order, ifd
+
+
+def _tiff_ifd(view: memoryview, order: str, ifd: int) -> tuple[int, int, int, int]:
+    """(width, height as stored, orientation, offset of the next IFD or 0) of the IFD at ``ifd``."""
     if ifd < 8 or ifd + 2 > len(view):
-        raise ImageHeaderError(f"truncated TIFF header (first IFD at byte {ifd}, {len(view)} bytes)", "tiff")
+        raise ImageHeaderError(f"truncated TIFF header (IFD at byte {ifd}, {len(view)} bytes)", "tiff")
     (count,) = struct.unpack_from(order + "H", view, ifd)
-    count = min(count, _TIFF_MAX_ENTRIES, (len(view) - ifd - 2) // 12)
+    listed = min(count, _TIFF_MAX_ENTRIES, (len(view) - ifd - 2) // 12)
     width = height = None
-    for k in range(count):
+    orientation = 1
+    for k in range(listed):
         tag, kind, _ = struct.unpack_from(order + "HHI", view, ifd + 2 + 12 * k)
+        if tag == _ORIENTATION_TAG:  # a SHORT; read as one whatever the type says, as cv2 does
+            (value,) = struct.unpack_from(order + "H", view, ifd + 10 + 12 * k)
+            orientation = value if 1 <= value <= 8 else 1
+            continue
         if tag not in (256, 257):
             continue
         if kind == 3:  # SHORT: the value sits in the first two bytes of the field
@@ -219,9 +237,29 @@ def _tiff(view: memoryview) -> tuple[ImageHeader, int]:
             width = value
         else:
             height = value
-        if width is not None and height is not None:
-            return ImageHeader("tiff", width, height), _exif_orientation(view)
-    raise ImageHeaderError("truncated TIFF header (no width/height tags in the first IFD)", "tiff")
+    if width is None or height is None:
+        raise ImageHeaderError("truncated TIFF header (no width/height tags in an IFD)", "tiff")
+    after = ifd + 2 + 12 * count
+    (following,) = struct.unpack_from(order + "I", view, after) if after + 4 <= len(view) else (0,)
+    return width, height, orientation, following
+
+
+def tiff_frames(data: bytes | memoryview) -> list[tuple[int, int]]:
+    """Upright (width, height) of every frame of a TIFF (each IFD of its chain), nothing decoded.
+
+    Raises ImageHeaderError for a malformed or looping chain, or more than _TIFF_MAX_FRAMES frames.
+    """
+    view = memoryview(data).cast("B")
+    order, ifd = _tiff_start(view)
+    sizes: list[tuple[int, int]] = []
+    seen: set[int] = set()
+    while ifd:
+        if ifd in seen or len(sizes) >= _TIFF_MAX_FRAMES:
+            raise ImageHeaderError("the TIFF's directory chain loops or is too long", "tiff")
+        seen.add(ifd)
+        width, height, orientation, ifd = _tiff_ifd(view, order, ifd)
+        sizes.append((height, width) if orientation >= 5 else (width, height))
+    return sizes
 
 
 def _exif_orientation(tiff: memoryview) -> int:

@@ -192,3 +192,26 @@ def test_a_sink_into_the_store_writes_row_groups(tmp_path):
     assert out.rows == 5 and out.uri.endswith("pages/mem.parquet")
     assert pq.ParquetFile(tmp_path / "pages" / "mem.parquet").num_row_groups == 3
     assert store.read("pages", "mem").column("page_id").to_pylist() == [f"mem/{i}" for i in range(5)]
+
+
+@pytest.mark.parametrize("compression", [None, "tiff_lzw"])
+def test_tiff_frames_walks_the_directory_chain_as_pil_does(compression):
+    from ocr_assets.image_header import ImageHeaderError, tiff_frames
+
+    frames = [Image.new("RGB", (50 + 2 * k, 30 + k), "white") for k in range(4)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "TIFF", save_all=True, append_images=frames[1:], **({"compression": compression} if compression else {}))
+    data = buf.getvalue()
+    with Image.open(io.BytesIO(data)) as im:
+        expected = []
+        for k in range(im.n_frames):
+            im.seek(k)
+            expected.append(im.size)
+    assert tiff_frames(data) == expected == [(50, 30), (52, 31), (54, 32), (56, 33)]
+    order = "<" if data[:2] == b"II" else ">"
+    (first,) = struct.unpack_from(order + "I", data, 4)
+    (count,) = struct.unpack_from(order + "H", data, first)
+    looped = bytearray(data)
+    struct.pack_into(order + "I", looped, first + 2 + 12 * count, first)  # the first IFD points at itself
+    with pytest.raises(ImageHeaderError, match="loops"):
+        tiff_frames(bytes(looped))

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ocr_assets import config
-from ocr_assets.image_header import ImageHeaderError, read_header
+from ocr_assets.image_header import ImageHeaderError, read_header, tiff_frames
 from ocr_assets.imaging import ImageDecodeError, check_pixels
 from ocr_assets.sources.base import PageInfo
 from ocr_assets.sources.pdf import PdfError, pdf_page_sizes
@@ -191,17 +191,11 @@ class PageReader:
 
 
 def _tiff_frames(data: bytes | memoryview) -> list[tuple[int, int]]:
-    """Upright (width, height) of every frame of a TIFF from its directories, no frame decoded;
-    [] where PIL cannot walk it (the header reader then gives the reason)."""
+    """Upright (width, height) of every frame of a TIFF from its directory chain, no frame decoded;
+    [] where the chain cannot be walked (the header reader then gives the reason)."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            sizes = []
-            for k in range(getattr(im, "n_frames", 1)):
-                im.seek(k)
-                width, height = im.size
-                sizes.append((height, width) if _orientation(im) >= 5 else (width, height))
-            return sizes
-    except Exception:
+        return tiff_frames(data)
+    except ImageHeaderError:
         return []
 
 
