@@ -65,7 +65,8 @@ def test_check_functions_fail_where_they_should(monkeypatch):
     # pages: a row may hold several pages, but every row has one at least, each (row, page) once
     pages = pa.table({"row": [0, 1, 1, 1, 2], "page": [0, 0, 1, 2, 0]})
     assert checks.every_source_row_has_pages(pages, 3) == (True, {
-        "source_rows": 3, "pages": 5, "missing_rows": 0, "rows_outside_the_shard": 0, "repeated_pages": 0})
+        "source_rows": 3, "pages": 5, "missing_rows": 0, "rows_outside_the_shard": 0, "repeated_pages": 0,
+        "rows_missing_a_page": 0})
     passed, meta = checks.every_source_row_has_pages(pages, 4)  # the file has 4 rows: row 3 has no page
     assert not passed and meta["missing_rows"] == 1
     passed, meta = checks.every_source_row_has_pages(pa.table({"row": [0, 1, 7], "page": [0, 0, 0]}), 3)
