@@ -142,40 +142,16 @@ class ParquetStore:
         An exception in the block removes the temporary file and leaves the partition's previous
         file as it was. Storage faults raise StorageError naming OCR_ASSETS_STORAGE.
         """
-        fs, _ = self._fs_root
         final = self.path(asset, partition)
-        tmp = f"{final}.tmp-{uuid.uuid4().hex}"
-        try:
-            fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-            handle = fs.open(tmp, "wb")
-        except OSError as exc:
-            raise _unwritable(final, exc) from exc
-        out: PartitionWriter | None = None
-        try:
+        with self._atomic(final) as handle:
             out = PartitionWriter(handle, schema, final, self.uri(asset, partition), row_group_rows,
                                   row_group_bytes)
-            yield out
-            out.close()
             try:
-                if isinstance(fs, LocalFileSystem):
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                handle.close()
-                if isinstance(fs, LocalFileSystem):
-                    os.replace(tmp, final)
-                else:
-                    fs.mv(tmp, final)
-            except OSError as exc:
-                raise _unwritable(final, exc) from exc
-        except BaseException:
-            if out is not None:
+                yield out
+                out.close()
+            except BaseException:
                 out.abort()
-            with contextlib.suppress(Exception):
-                handle.close()
-            with contextlib.suppress(Exception):
-                if fs.exists(tmp):
-                    fs.rm(tmp)
-            raise
+                raise
 
     def batches(
         self, asset: str, partition: str, columns: list[str] | None = None, batch_rows: int = BATCH_ROWS
@@ -258,26 +234,48 @@ class ParquetStore:
         return fs.unstrip_protocol(final) if not isinstance(fs, LocalFileSystem) else f"file://{final}"
 
     def _write_atomic(self, final: str, content: pa.Table | bytes) -> None:
-        fs, _ = self._fs_root
-        tmp = f"{final}.tmp-{uuid.uuid4().hex}"
         try:
-            fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-            with fs.open(tmp, "wb") as handle:
+            with self._atomic(final) as handle:
                 if isinstance(content, pa.Table):
                     pq.write_table(content, handle, compression="zstd")
                 else:
                     handle.write(content)
-                if isinstance(fs, LocalFileSystem):
+        except OSError as exc:
+            raise _unwritable(final, exc) from exc
+
+    @contextlib.contextmanager
+    def _atomic(self, final: str) -> Iterator:
+        """A file handle on a temporary name beside ``final``: when the block ends it is flushed to
+        disk (local files) and renamed over ``final``; on an exception it is removed, ``final``
+        left as it was. Failing to create, flush or rename raises StorageError."""
+        fs, _ = self._fs_root
+        tmp = f"{final}.tmp-{uuid.uuid4().hex}"
+        local = isinstance(fs, LocalFileSystem)
+        try:
+            fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+            handle = fs.open(tmp, "wb")
+        except OSError as exc:
+            raise _unwritable(final, exc) from exc
+        try:
+            yield handle
+            try:
+                if local:
                     handle.flush()
                     os.fsync(handle.fileno())
-            if isinstance(fs, LocalFileSystem):
-                os.replace(tmp, final)
-            else:
-                fs.mv(tmp, final)
-        except OSError as exc:
-            if fs.exists(tmp):
-                fs.rm(tmp)
-            raise _unwritable(final, exc) from exc
+                handle.close()
+                if local:
+                    os.replace(tmp, final)
+                else:
+                    fs.mv(tmp, final)
+            except OSError as exc:
+                raise _unwritable(final, exc) from exc
+        except BaseException:
+            with contextlib.suppress(Exception):
+                handle.close()
+            with contextlib.suppress(Exception):
+                if fs.exists(tmp):
+                    fs.rm(tmp)
+            raise
 
     def _existing(self, asset: str, partition: str) -> str:
         """The path of an asset partition; a clear error if the upstream partition was never written."""
