@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -22,9 +22,9 @@ from ocr_assets.config import ENV_ID_COLUMN
 from ocr_assets.imaging import decode_page, encode_image, vlm_crop
 from ocr_assets.schemas import CROPS, PAGE_ERROR_REGION
 from ocr_assets.sources.base import DatasetError, Pixels, Shard
+from ocr_assets.stages.output import Sink, StageOutput
 from ocr_assets.timing import StageReport, timed_stage
 
-Sink = Callable[[pa.Table], None]
 VLM_FORMAT = "vlm-jpeg"  # JPEG, resized to the VLM's patch grid and pixel bounds
 GROUP_PAGES = 16  # pages read, cut and written together
 NO_BOX = -(2**31)  # null box coordinates, filled for numpy
@@ -271,10 +271,7 @@ def make_crops(
         raise ValueError(f"unknown crop format {fmt!r}: use 'png', 'jpeg' or {VLM_FORMAT!r}")
     fmt = "jpeg" if fmt == "jpg" else fmt
     report = report if report is not None else StageReport()
-    parts: list[pa.Table] | None = None
-    if sink is None:
-        parts = []
-        sink = parts.append
+    out = StageOutput(sink, CROPS)
     with timed_stage(report):
         report.count("regions", 0)
         report.count("errors", 0)
@@ -283,7 +280,5 @@ def make_crops(
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="crops") as pool:
             cutter = _Cutter(shard, where, fmt, jpeg_quality, padding, pool, report)
             for group in _page_groups(layout, max(1, int(group_pages))):
-                sink(cutter.cut(group))
-    if parts is None:
-        return None, report
-    return (pa.concat_tables(parts) if parts else CROPS.empty_table()), report
+                out.write(cutter.cut(group))
+    return out.result(), report

@@ -31,17 +31,17 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ocr_assets.config import TITLE_LABELS
 from ocr_assets.schemas import DOCUMENTS, PAGE_ERROR_REGION
+from ocr_assets.stages.output import Sink, StageOutput
 from ocr_assets.timing import StageReport, timed_stage
 
 Rows = pa.Table | Iterable[pa.RecordBatch]
-Sink = Callable[[pa.Table], None]
 
 # Documents per table handed to the sink (a few MB of Markdown).
 DOCUMENT_ROWS = 256
@@ -275,8 +275,7 @@ def assemble_documents(
     See the module docstring for the Markdown and status rules.
     """
     report = report or StageReport()
-    parts: list[pa.Table] = []
-    write = sink or parts.append
+    output = StageOutput(sink, DOCUMENTS)
     with timed_stage(report):
         for name in ("documents", "regions"):
             report.counts.setdefault(name, 0)
@@ -288,7 +287,7 @@ def assemble_documents(
 
         def flush() -> None:
             if out["page_id"]:
-                write(pa.table(out, schema=DOCUMENTS))
+                output.write(pa.table(out, schema=DOCUMENTS))
                 for values in out.values():
                     values.clear()
 
@@ -341,6 +340,4 @@ def assemble_documents(
             texts_of.drain(last)
         flush()
         report.pages = n
-    if sink is not None:
-        return None, report
-    return (pa.concat_tables(parts) if parts else DOCUMENTS.empty_table()), report
+    return output.result(), report

@@ -14,7 +14,6 @@ held at once, whatever the size of the shard.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -29,9 +28,9 @@ from ocr_assets.schemas import PAGE_ERROR_REGION, layout_schema
 from ocr_assets.sources.base import Shard
 from ocr_assets.stages.reading_order import order_detections
 from ocr_assets.stages.recovery import recover_text_boxes
+from ocr_assets.stages.output import Sink, StageOutput
 from ocr_assets.timing import StageReport, timed_stage
 
-Sink = Callable[[pa.Table], None]
 BATCH_ROWS = 4096  # region rows gathered before a table goes to the sink (whole pages only)
 DUPLICATE_IOU = 0.8  # two labels for (nearly) the same box: one of them stands
 MERGE_SHARE = 0.2  # same-task regions sharing this much of the smaller box are read as one
@@ -209,10 +208,7 @@ def run_layout(
         report.count(name, 0)
     schema = layout_schema(backend.keep_polygons)
     cols: dict[str, list] = {name: [] for name in schema.names}
-    parts: list[pa.Table] | None = None
-    if sink is None:
-        parts = []
-        sink = parts.append
+    out = StageOutput(sink, schema)
 
     def emit(page_id, region, label, task, score, box, source, status="ok", error=None, polygon=None):
         for name, value in zip(
@@ -231,7 +227,7 @@ def run_layout(
 
     def flush() -> None:
         if cols["page_id"]:
-            sink(pa.table(cols, schema=schema))
+            out.write(pa.table(cols, schema=schema))
             for values in cols.values():
                 values.clear()
 
@@ -299,9 +295,7 @@ def run_layout(
             )
         report.count("pages_without_regions", state.count(NO_REGIONS))
         flush()
-    if parts is None:
-        return None, report
-    return (pa.concat_tables(parts) if parts else schema.empty_table()), report
+    return out.result(), report
 
 
 def _detect(backend: LayoutBackend, images: list[PreparedPage], page_ids: list[str], report: StageReport) -> list:

@@ -8,7 +8,6 @@ Rows are streamed: the table is written in batches as the shard is read.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 
 import pyarrow as pa
 
@@ -16,9 +15,9 @@ from ocr_assets.config import ENV_ID_COLUMN, max_pixels
 from ocr_assets.imaging import ImageDecodeError, check_pixels
 from ocr_assets.schemas import PAGES
 from ocr_assets.sources.base import DatasetError, PageInfo, Shard
+from ocr_assets.stages.output import Sink, StageOutput
 from ocr_assets.timing import StageReport, timed_stage
 
-Sink = Callable[[pa.Table], None]
 BATCH_PAGES = 8192  # pages per table handed to the sink
 
 
@@ -67,11 +66,7 @@ def extract_pages(
     returned is None; without one, the whole table is returned.
     """
     report = report if report is not None else StageReport()
-    if sink is None:
-        parts: list[pa.Table] = []
-        sink = parts.append
-    else:
-        parts = None
+    out = StageOutput(sink, PAGES)
     names = ("page_id", "row", "page", "format", "width", "height", "nbytes", "status", "error")
     cols: dict[str, list] = {name: [] for name in names}
     formats: Counter[str] = Counter()
@@ -82,7 +77,7 @@ def extract_pages(
     def flush() -> None:
         if cols["page_id"]:
             with report.part("table"):
-                sink(_batch_table(shard, cols))
+                out.write(_batch_table(shard, cols))
             for values in cols.values():
                 values.clear()
 
@@ -139,7 +134,5 @@ def extract_pages(
     report.count("errors", pages - ok)
     for fmt, count in sorted(formats.items()):
         report.count(f"format_{fmt}", count)
-    if parts is None:
-        return None, report
-    return (pa.concat_tables(parts) if parts else PAGES.empty_table()), report
+    return out.result(), report
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -24,13 +24,13 @@ import pyarrow as pa
 from ocr_assets.backends.recognition.base import Crop, Recognized, Recognizer
 from ocr_assets.recognition_cache import RecognitionCache
 from ocr_assets.schemas import PAGE_ERROR_REGION, RECOGNITION
+from ocr_assets.stages.output import Sink, StageOutput
 from ocr_assets.timing import StageReport, timed_stage
 
 # Rows per record batch taken from the crops (a few MB of encoded crops), and per sink call.
 CHUNK_ROWS = 1024
 
 Crops = pa.Table | Iterable[pa.RecordBatch]
-Sink = Callable[[pa.Table], None]
 
 
 def crop_batches(crops: Crops, chunk_rows: int = CHUNK_ROWS) -> Iterator[pa.RecordBatch]:
@@ -158,8 +158,8 @@ def run_recognition(
             report.counts.setdefault(name, 0)
         report.parts.setdefault("recognize", 0.0)
         total = crops.num_rows if isinstance(crops, pa.Table) else rows
-        parts: list[pa.Table] = []
-        out = _InOrder(sink or parts.append, max(1, int(chunk_rows)))
+        output = StageOutput(sink, RECOGNITION)
+        out = _InOrder(output.write, max(1, int(chunk_rows)))
         page_ids: set[str] = set()
         sent: dict[int, tuple[_Chunk, int, str | None, bool]] = {}  # in flight: chunk, row in it, cache key, empty crop
         lock = threading.Lock()  # cache hits are answered on the recognizer's thread, results on this one
@@ -271,6 +271,4 @@ def run_recognition(
             )
         out.flush(final=True)
         report.pages = len(page_ids)
-    if sink is not None:
-        return None, report
-    return (pa.Table.from_batches([], schema=RECOGNITION) if not parts else pa.concat_tables(parts)), report
+    return output.result(), report
