@@ -26,6 +26,10 @@ ENV_PDF_DPI = "OCR_ASSETS_PDF_DPI"
 ENV_MAX_ERROR_RATE = "OCR_ASSETS_MAX_ERROR_RATE"
 ENV_MAX_EMPTY_RATE = "OCR_ASSETS_MAX_EMPTY_RATE"
 ENV_MAX_PAGE_ERROR_RATE = "OCR_ASSETS_MAX_PAGE_ERROR_RATE"
+ENV_MAX_SUSPECT_PAGE_RATE = "OCR_ASSETS_MAX_SUSPECT_PAGE_RATE"
+ENV_MIN_PAGE_CONFIDENCE = "OCR_ASSETS_MIN_PAGE_CONFIDENCE"
+ENV_ORIENTATION = "OCR_ASSETS_ORIENTATION"
+ENV_DESKEW = "OCR_ASSETS_DESKEW"
 ENV_SENSOR_RUNS = "OCR_ASSETS_SENSOR_RUNS"
 ENV_SCHEDULE_CRON = "OCR_ASSETS_SCHEDULE_CRON"
 
@@ -35,6 +39,17 @@ DEFAULT_SAMPLE_DIR = "./ocr_sample"
 DEFAULT_PDF_DPI = 150
 # the longest side of a rendered PDF page, whatever its DPI: an A0 poster at 150 dpi is 7022 px
 PDF_MAX_SIDE = 5000
+
+# a read page whose confidence is below this is `suspect` (see README, "Confidence", for its calibration)
+DEFAULT_MIN_PAGE_CONFIDENCE = 0.85
+DEFAULT_MAX_SUSPECT_PAGE_RATE = 0.05
+# page flags in `documents` (page_flags / flags)
+FLAG_ROTATED = "rotated"  # the page was turned upright (a rotation of 90, 180 or 270 degrees)
+FLAG_SKEWED = "skewed"  # the page was straightened by a small angle before layout
+FLAG_FIGURE_TEXT = "figure_text"  # text was found and read inside a non-text layout box
+FLAG_LOW_CONFIDENCE = "low_confidence"  # the page's confidence is below OCR_ASSETS_MIN_PAGE_CONFIDENCE
+# layout `source` values: a model box, ink outside every box, text lines inside a non-text box
+SOURCE_MODEL, SOURCE_RECOVERED, SOURCE_FIGURE = "model", "recovered", "figure"
 
 TASKS = ("text", "table", "formula", "skip")
 ABANDON = "abandon"
@@ -141,3 +156,31 @@ def usable_cores() -> int:
 def pdf_dpi() -> int:
     """The resolution PDF pages are rendered at (OCR_ASSETS_PDF_DPI)."""
     return env_number(ENV_PDF_DPI, DEFAULT_PDF_DPI, int, low=18, high=1200)
+
+
+def switch(name: str, default: bool = True) -> bool:
+    """An on/off setting (on/off, true/false, 1/0, yes/no), with an error naming the variable."""
+    value = env(name)
+    if value is None:
+        return default
+    lowered = value.lower()
+    if lowered in ("on", "true", "1", "yes"):
+        return True
+    if lowered in ("off", "false", "0", "no"):
+        return False
+    raise ValueError(f"{name}={value!r} must be on or off")
+
+
+def orientation_enabled() -> bool:
+    """Whether each page's orientation is classified and turned upright before layout (OCR_ASSETS_ORIENTATION)."""
+    return switch(ENV_ORIENTATION)
+
+
+def deskew_enabled() -> bool:
+    """Whether small skews (up to 5 degrees) are measured and straightened before layout (OCR_ASSETS_DESKEW)."""
+    return switch(ENV_DESKEW)
+
+
+def min_page_confidence() -> float:
+    """Below this confidence a read page is `suspect`, not `ok` (OCR_ASSETS_MIN_PAGE_CONFIDENCE)."""
+    return env_number(ENV_MIN_PAGE_CONFIDENCE, DEFAULT_MIN_PAGE_CONFIDENCE, float, low=0, high=1)

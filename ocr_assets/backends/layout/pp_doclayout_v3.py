@@ -28,6 +28,7 @@ from ocr_assets.backends.layout.base import Detection, Pixels, PreparedPage, ens
 from ocr_assets.image_header import read_header, read_orientation
 from ocr_assets.imaging import check_pixels
 from ocr_assets.timing import StageReport
+from ocr_assets.upright import NO_TURN, PageTurner, small_factor, turn_page_tensor
 
 INPUT_SIZE = (800, 800)  # (height, width) the processor resizes to, unless the checkpoint says otherwise
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -149,6 +150,7 @@ class PPDocLayoutV3Backend:
         nms: bool = True,
         keep_polygons: bool = False,
         label_tasks: dict[str, str] | None = None,
+        turner: PageTurner | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -182,10 +184,13 @@ class PPDocLayoutV3Backend:
             max_workers=max(1, int(decode_threads or min(8, cores))), thread_name_prefix="layout-decode"
         )
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # pages are turned upright before layout, as OCR_ASSETS_ORIENTATION / OCR_ASSETS_DESKEW say
+        self.turner = turner if turner is not None else PageTurner.from_config(threads)
         self.info = {
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "model": model,
+            **self.turner.info,
         }
 
     def _check_labels(self) -> None:
@@ -213,16 +218,17 @@ class PPDocLayoutV3Backend:
         resized = cv2.resize(bgr, (w, h), interpolation=cv2.INTER_CUBIC)
         return cv2.cvtColor(resized, cv2.COLOR_BGR2RGB)
 
-    def _prepare_host(self, data) -> PreparedPage | str:
-        """One page decoded with cv2 and resized, as every host-side backend prepares pages."""
-        return prepare_with([data], self._resize_host)[0]
+    def _prepare_host(self, blobs: list) -> list[PreparedPage | str]:
+        """Pages decoded with cv2 and resized on the decode threads, turned upright between the two."""
+        return prepare_with(blobs, self._resize_host, self.turner, self.input_size, map=self._decoders.map)
 
     def _prepare_jpegs_on_device(self, blobs: list) -> list[PreparedPage | None]:
         """nvJPEG decode of a batch of JPEGs straight into GPU memory; None where it cannot (cv2 then).
 
         nvJPEG ignores EXIF orientation, which cv2 applies: it is applied here, so a page is the
-        same way up on either path. Each full-resolution page is dropped as soon as its resized
-        input and its gray host copy (for text recovery) exist, so they do not pile up.
+        same way up on either path. Each page is then turned upright on the device, decided on a
+        small host copy of it. Each full-resolution page is dropped as soon as its resized input
+        and its gray host copy (for text recovery) exist, so they do not pile up.
         """
         from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -239,6 +245,25 @@ class PPDocLayoutV3Backend:
                     images.append(None)
         del data
         decoded = time.perf_counter() - start
+        smalls: dict[int, np.ndarray] = {}
+        start = time.perf_counter()
+        for k, blob in enumerate(blobs):
+            if images[k] is None:
+                continue
+            try:
+                images[k] = apply_exif_orientation(images[k], read_orientation(blob))
+                if self.turner.enabled:
+                    smalls[k] = _host_small(images[k])
+            except Exception:  # the cv2 path decides: a page error, or a device fault it raises
+                images[k] = None
+        shrunk = time.perf_counter() - start
+        turns, orient_s, deskew_s = [NO_TURN] * len(blobs), 0.0, 0.0
+        if smalls:
+            decided, orient_s, deskew_s = self.turner.decide(list(smalls.values()))
+            for k, turn in zip(smalls, decided):
+                turns[k] = turn
+            orient_s += shrunk
+        n = max(1, sum(image is not None for image in images))
         out: list[PreparedPage | None] = []
         for k, blob in enumerate(blobs):
             image, images[k] = images[k], None  # the batch list must not keep the full-resolution page
@@ -247,16 +272,18 @@ class PPDocLayoutV3Backend:
                 continue
             start = time.perf_counter()
             try:
-                image = apply_exif_orientation(image, read_orientation(blob))
-                height, width = image.shape[1:]
-                inputs, gray = self._resize_device(image), _host_gray(image)
+                turned = turn_page_tensor(image, turns[k])
+                turning = time.perf_counter() - start
+                height, width = turned.shape[1:]
+                inputs, gray = self._resize_device(turned), _host_gray(turned)
             except Exception:  # the cv2 path decides: a page error, or a device fault it raises
                 out.append(None)
                 continue
             finally:
                 del image
-            out.append(PreparedPage(height, width, inputs, decoded / len(blobs), time.perf_counter() - start,
-                                    host=gray))
+            out.append(PreparedPage(height, width, inputs, decoded / len(blobs), time.perf_counter() - start - turning,
+                                    host=gray, turn=turns[k], orientation_seconds=orient_s / n,
+                                    deskew_seconds=deskew_s / n + turning))
         return out
 
     def _resize_device(self, rgb: torch.Tensor) -> torch.Tensor:
@@ -280,8 +307,9 @@ class PPDocLayoutV3Backend:
         rest = [i for i, p in enumerate(out) if p is None]
         # host pages keep their full-resolution BGR pixels: text recovery reads them in page
         # pixels; they live as long as the batch (two batches: this one and the one prepared ahead)
-        for i, page in zip(rest, self._decoders.map(self._prepare_host, [blobs[i] for i in rest])):
-            out[i] = page
+        if rest:
+            for i, page in zip(rest, self._prepare_host([blobs[i] for i in rest])):
+                out[i] = page
         if self._stream is not None:
             for i in rest:
                 if isinstance(out[i], PreparedPage):
@@ -379,6 +407,17 @@ def _host_gray(rgb: torch.Tensor) -> np.ndarray:
     """Gray uint8 host copy of a (3, H, W) RGB device page: a third of the bytes of the colour page."""
     weights = torch.tensor([0.299, 0.587, 0.114], device=rgb.device)[:, None, None]
     return (rgb.float() * weights).sum(0).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def _host_small(rgb: torch.Tensor) -> np.ndarray:
+    """BGR uint8 host copy of a (3, H, W) RGB device page, area-downscaled as ``upright.small_copy`` does."""
+    height, width = rgb.shape[1:]
+    factor = small_factor(height, width)
+    h, w = height // factor, width // factor
+    small = rgb[None, :, :h * factor, :w * factor].float()
+    if factor > 1:
+        small = torch.nn.functional.avg_pool2d(small, factor)
+    return small[0].round_().to(torch.uint8).flip(0).permute(1, 2, 0).contiguous().cpu().numpy()
 
 
 def apply_exif_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
