@@ -33,7 +33,9 @@ GROUP = "ocr"
 FAILED_BLOCKING_CHECKS = "failed_blocking_checks"
 OWNERS = ["team:ocr"]
 # what crops reads of each layout row: the polygons, where kept, are not needed to cut
-CROP_LAYOUT_COLUMNS = ["page_id", "region", "task", "x0", "y0", "x1", "y1", "status", "error"]
+# rotation/skew: the crops stage turns each page as layout did (a layout file from before they
+# existed was laid out on pages as stored: read without them, it turns nothing)
+CROP_LAYOUT_COLUMNS = ["page_id", "region", "task", "x0", "y0", "x1", "y1", "rotation", "skew", "status", "error"]
 
 
 def publish(
@@ -76,6 +78,13 @@ def publish(
         metadata[FAILED_BLOCKING_CHECKS] = sum(1 for name, (passed, _) in checks.items()
                                                if name in blocking and not passed)
     return dg.MaterializeResult(metadata=metadata, check_results=check_results)
+
+
+def _columns(store: ParquetStore, asset: str, key: str, wanted: list[str]) -> list[str]:
+    """Those of ``wanted`` that the partition's file has: a file written before a column was added
+    is still read (the stage reads the missing column as null)."""
+    names = store.schema(asset, key).names
+    return [name for name in wanted if name in names]
 
 
 def _texts(store: ParquetStore, asset: str, key: str, column: str, wanted: int) -> list[str]:
@@ -213,7 +222,8 @@ def crops(
     shard = dataset.open(key)
     try:
         with store.writer("crops", key, CROPS) as written:
-            _, report = make_crops(store.batches("layout", key, columns=CROP_LAYOUT_COLUMNS), shard, pages_table,
+            layout = store.batches("layout", key, columns=_columns(store, "layout", key, CROP_LAYOUT_COLUMNS))
+            _, report = make_crops(layout, shard, pages_table,
                                    fmt=recognizer.stored_crop_format(), report=StageReport(label=f"crops {key}"),
                                    sink=written.write)
     finally:
@@ -256,15 +266,19 @@ def recognition(context: dg.AssetExecutionContext, storage: StorageResource, rec
           deps=[pages, layout, recognition], check_specs=[
     _check("every_source_row", "documents", "One document per source row of the shard, each row once."),
     _check("page_error_rate", "documents", "Documents whose status is error, under OCR_ASSETS_MAX_PAGE_ERROR_RATE."),
+    _check("suspect_page_rate", "documents", "Pages read with a confidence below OCR_ASSETS_MIN_PAGE_CONFIDENCE "
+           "(status suspect), under OCR_ASSETS_MAX_SUSPECT_PAGE_RATE."),
 ])
 def documents(context: dg.AssetExecutionContext, dataset: DatasetResource, storage: StorageResource):
     """One row per source row: its pages' Markdown in order (a `<!-- page N -->` line between pages),
-    each page's Markdown, its regions as JSON, and a status over its pages."""
+    each page's Markdown, status, confidence and flags, its regions as JSON, and a status over its
+    pages. The metadata plots the partition's mean confidence and counts suspect and flagged pages."""
     store, key = storage.store(), context.partition_key
     with store.writer("documents", key, DOCUMENTS) as written:
         _, report = assemble_documents(
-            store.read("pages", key), store.batches("layout", key, columns=LAYOUT_COLUMNS),
-            store.batches("recognition", key, columns=RECOGNITION_COLUMNS),
+            store.read("pages", key),
+            store.batches("layout", key, columns=_columns(store, "layout", key, LAYOUT_COLUMNS)),
+            store.batches("recognition", key, columns=_columns(store, "recognition", key, RECOGNITION_COLUMNS)),
             report=StageReport(label=f"documents {key}"), sink=written.write,
         )
     rows = store.read("documents", key, columns=["row", "status", "page_status"])
@@ -272,7 +286,8 @@ def documents(context: dg.AssetExecutionContext, dataset: DatasetResource, stora
     return publish(
         context, written, report,
         checks={"every_source_row": checks.one_row_per_source_row(rows, dataset.source_rows(key)),
-                "page_error_rate": checks.documents_page_error_rate(rows)},
+                "page_error_rate": checks.documents_page_error_rate(rows),
+                "suspect_page_rate": checks.suspect_page_rate(rows)},
         extra={"preview": dg.MetadataValue.md(markdown_excerpt(first[0]))} if first else None,
     )
 

@@ -87,6 +87,17 @@ def documents_page_error_rate(documents: pa.Table) -> tuple[bool, dict]:
     return _page_error_rate(failed, len(statuses))
 
 
+def suspect_page_rate(documents: pa.Table) -> tuple[bool, dict]:
+    """Share of the shard's pages whose status in `documents` is ``suspect`` (read, with a confidence
+    below OCR_ASSETS_MIN_PAGE_CONFIDENCE), under OCR_ASSETS_MAX_SUSPECT_PAGE_RATE; reads ``page_status``."""
+    limit = _rate(config.ENV_MAX_SUSPECT_PAGE_RATE, config.DEFAULT_MAX_SUSPECT_PAGE_RATE)
+    statuses = pc.list_flatten(documents.column("page_status"))
+    suspect = pc.sum(pc.equal(statuses, "suspect")).as_py() or 0
+    rate = suspect / len(statuses) if len(statuses) else 0.0
+    return rate <= limit, {"suspect_page_rate": round(rate, 4), "suspect_pages": suspect, "pages": len(statuses),
+                           "max_suspect_page_rate": limit}
+
+
 def error_rate(recognition: pa.Table) -> tuple[bool, dict]:
     """Share of regions (failed pages' rows excluded) whose recognition failed, under the threshold."""
     limit = _rate(config.ENV_MAX_ERROR_RATE, DEFAULT_MAX_ERROR_RATE)

@@ -8,6 +8,10 @@ Only final answers are cached (``Recognized.cacheable``: a text, or a determinis
 as an answer cut at max_tokens); a refused request (any 4xx), a timeout, a dropped connection
 or a crashed batch never is. When a step completes, ``compact`` rewrites the partition's
 segments as one file; ``prune`` keeps only the entries the current settings can still reach.
+
+Each entry keeps the answer's confidence. Segments written before confidences were kept (no
+``confidence`` column) are stale: never read back (those regions are read again, so no page
+mixes answers with and without a confidence) and dropped when the partition is rewritten.
 """
 
 from __future__ import annotations
@@ -22,7 +26,17 @@ from ocr_assets.storage import ParquetStore
 
 CACHE_KIND = "recognition_cache"
 CACHE_SCHEMA = pa.schema([("key", pa.string()), ("text", pa.string()), ("status", pa.string()),
-                          ("error", pa.string())])
+                          ("error", pa.string()), ("confidence", pa.float32())])
+
+
+def _read(store: ParquetStore, paths: list[str]) -> pa.Table | None:
+    """The current-format segments among ``paths`` as one CACHE_SCHEMA table; None when there are none."""
+    tables = []
+    for path in paths:
+        table = store.read_segment_files([path])
+        if table is not None and "confidence" in table.column_names:  # older segments: stale
+            tables.append(table.select(CACHE_SCHEMA.names).cast(CACHE_SCHEMA))
+    return pa.concat_tables(tables) if tables else None
 
 
 class RecognitionCache:
@@ -33,12 +47,13 @@ class RecognitionCache:
         self.store, self.partition = store, partition
         self.flush_every, self.flush_seconds = flush_every, flush_seconds
         self._known: dict[str, Recognized] = {}
-        table = store.read_segments(CACHE_KIND, partition)
+        table = _read(store, store.segment_files(CACHE_KIND, partition))
         if table is not None:
-            for key, text, status, error in zip(*(table.column(c).to_pylist() for c in CACHE_SCHEMA.names)):
+            for key, text, status, error, confidence in zip(*(table.column(c).to_pylist()
+                                                              for c in CACHE_SCHEMA.names)):
                 if status is None:  # not a known answer: ask again rather than read it as a success
                     continue
-                self._known[key] = Recognized(text or "", status, error, cacheable=True)
+                self._known[key] = Recognized(text or "", status, error, cacheable=True, confidence=confidence)
         self._pending: list[tuple[str, Recognized]] = []
         self._last_flush = time.monotonic()
         self._lock = threading.Lock()
@@ -77,7 +92,8 @@ class RecognitionCache:
             return
         self.store.append_segment(CACHE_KIND, self.partition, pa.table(
             {"key": [k for k, _ in pending], "text": [r.text for _, r in pending],
-             "status": [r.status for _, r in pending], "error": [r.error for _, r in pending]},
+             "status": [r.status for _, r in pending], "error": [r.error for _, r in pending],
+             "confidence": [r.confidence for _, r in pending]},
             schema=CACHE_SCHEMA,
         ))
 
@@ -86,8 +102,10 @@ def _rewrite(store: ParquetStore, partition: str, keep: set[str] | None) -> tupl
     """Rewrite a partition's cache as one segment with the last entry of each key (of ``keep``'s
     keys only, when given); returns (kept, dropped). Nothing to gain: nothing is written."""
     old = store.segment_files(CACHE_KIND, partition)
-    table = store.read_segment_files(old)
+    table = _read(store, old)
     if table is None:
+        if old:  # only stale segments: nothing to keep
+            store.replace_segments(CACHE_KIND, partition, None, old)
         return 0, 0
     keys = table.column("key").to_pylist()
     last = {key: row for row, key in enumerate(keys) if keep is None or key in keep}
@@ -95,7 +113,7 @@ def _rewrite(store: ParquetStore, partition: str, keep: set[str] | None) -> tupl
     if len(old) == 1 and not dropped:  # already one file with nothing to drop
         return kept, 0
     rows = sorted(last.values())
-    store.replace_segments(CACHE_KIND, partition, table.take(rows).cast(CACHE_SCHEMA) if rows else None, old)
+    store.replace_segments(CACHE_KIND, partition, table.take(rows) if rows else None, old)
     return kept, dropped
 
 

@@ -69,12 +69,12 @@ class DatasetResource(dg.ConfigurableResource):
 
 def ensure_sample(folder: str) -> Path:
     """The sample dataset folder, generated on first use."""
-    from ocr_assets.sample import MULTIPAGE_SHARDS, write_sample
+    from ocr_assets.sample import MULTIPAGE_SHARDS, SCANS_SHARD, write_sample
 
     path = Path(folder)
-    # a sample written before the documents shards existed is written again, whole
-    if not all((path / name).exists() for name in ("state.json", *MULTIPAGE_SHARDS)):
-        write_sample(path, documents=True)
+    # a sample written before the documents or scans shards existed is written again, whole
+    if not all((path / name).exists() for name in ("state.json", *MULTIPAGE_SHARDS, SCANS_SHARD)):
+        write_sample(path, documents=True, scans=True)
     return path
 
 
@@ -126,6 +126,7 @@ class LayoutResource(dg.ConfigurableResource):
             raise ValueError(f"{config.ENV_LAYOUT_BACKEND}={name!r} is not a layout backend; choose one of "
                              f"{', '.join(LAYOUT_BACKENDS)}")
         _parse_label_tasks(self.label_tasks)
+        config.orientation_enabled(), config.deskew_enabled()  # a bad on/off value names its variable
         if name == "pp-doclayout-v3":
             from ocr_assets.backends.layout.pp_doclayout_v3 import resolve_device, resolve_dtype
 
@@ -148,8 +149,10 @@ class LayoutResource(dg.ConfigurableResource):
                 "merge_modes": _parse_json_object("merge_modes", self.merge_modes),
                 "keep_polygons": self.keep_polygons,
             }
+        # the backend reads OCR_ASSETS_ORIENTATION / OCR_ASSETS_DESKEW when built: a change loads anew
         key = ("layout", name, self.model, self.threads, self.batch_size, self.conf_threshold,
-               json.dumps(overrides, sort_keys=True), json.dumps(options, sort_keys=True))
+               json.dumps(overrides, sort_keys=True), json.dumps(options, sort_keys=True),
+               config.orientation_enabled(), config.deskew_enabled())
 
         def load() -> LayoutBackend:
             backend = create_layout_backend(
@@ -199,6 +202,8 @@ class RecognizerResource(dg.ConfigurableResource):
     vlm_timeout: float = Field(default=120.0, description="Seconds to wait for one answer before retrying.")
     vlm_max_attempts: int = Field(default=5, description="Attempts per region (429, 5xx, timeouts, bad answers).")
     vlm_verify_tls: bool = Field(default=True, description="Verify the server's TLS certificate (https URLs).")
+    vlm_logprobs: bool = Field(default=True, description="Ask for token log-probabilities (each region's "
+                               "confidence); false for a server that refuses them, so its answers are cached.")
     vlm_prompts: str | None = Field(
         default=None, description='JSON object task → prompt, e.g. {"table": "Table Recognition:"}.'
     )
@@ -265,7 +270,7 @@ class RecognizerResource(dg.ConfigurableResource):
         return {
             "base_url": base_url, "model": self.vlm_model, "api_key": self.vlm_api_key,
             "concurrency": self.vlm_concurrency, "timeout": self.vlm_timeout,
-            "max_attempts": self.vlm_max_attempts, "verify_tls": self.vlm_verify_tls,
+            "max_attempts": self.vlm_max_attempts, "verify_tls": self.vlm_verify_tls, "logprobs": self.vlm_logprobs,
             "prompts": _parse_json_object("vlm_prompts", self.vlm_prompts),
             "max_tokens": _parse_json_object("vlm_max_tokens", self.vlm_max_tokens),
         }

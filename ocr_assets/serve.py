@@ -5,6 +5,13 @@ image (a base64 data URL) and a GLM-OCR prompt per request, so the `openai` reco
 a laptop with no GPU, and the tests drive the real client over real HTTP. The answer function
 is pluggable (``OcrServer(answer=...)``): the bench and the tests use the same server with a
 fixed-latency or fault-injecting answer.
+
+Log-probabilities (``"logprobs": true``) are derived from the local recognizer's confidence: each
+token of the answer (a word, with the whitespace before it) gets ``ln(confidence)``, so the
+client's exp of the mean token log-probability is exactly the region confidence that the local
+recognizer gives (the character-weighted mean of its line scores). An answer with no confidence
+(an answer function that returns only text) is sent with ``"logprobs": null``, as a server that
+computes none would.
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import asyncio
 import base64
 import inspect
 import json
+import math
+import re
 import signal
 import threading
 import time
@@ -24,7 +33,8 @@ from aiohttp import web
 
 from ocr_assets import config
 
-Answer = Callable[[bytes, str, int], "str | Awaitable[str]"]  # (image bytes, prompt, max_tokens) -> text
+# (image bytes, prompt, max_tokens) -> text, or (text, confidence in [0, 1] or None)
+Answer = Callable[[bytes, str, int], "str | tuple[str, float | None] | Awaitable[str | tuple[str, float | None]]"]
 Reply = tuple[int, dict[str, str], bytes]  # status, headers, body
 
 
@@ -37,14 +47,24 @@ def local_answer(threads: int | None = None) -> Answer:
     task_of = {prompt: task for task, prompt in config.TASK_PROMPTS.items()}
     lock = threading.Lock()  # one crop at a time: the models already use every core
 
-    def answer(image: bytes, prompt: str, max_tokens: int) -> str:
+    def answer(image: bytes, prompt: str, max_tokens: int) -> tuple[str, float | None]:
         with lock:
             (result,) = recognizer.recognize([Crop(task_of.get(prompt.strip(), "text"), image, 0, 0)])
         if result.status != "ok":
             raise ValueError(result.error or "the image could not be read")
-        return result.text
+        return result.text, result.confidence
 
     return answer
+
+
+def token_logprobs(text: str, confidence: float | None) -> dict | None:
+    """The chat-completions ``logprobs`` of an answer: one token per word (with the whitespace
+    before it), each at ``ln(confidence)``; None when there is no confidence."""
+    if confidence is None:
+        return None
+    logprob = math.log(confidence) if confidence > 0 else -9999.0  # vLLM's stand-in for -inf
+    return {"content": [{"token": token, "logprob": logprob, "bytes": list(token.encode()), "top_logprobs": []}
+                        for token in re.findall(r"\s*\S+", text)]}
 
 
 def _json(status: int, body: dict, headers: dict[str, str] | None = None) -> Reply:
@@ -120,7 +140,7 @@ class OcrServer:
             text = self.answer(image, prompt, max_tokens) if image else ""  # no image, no text to read
         except Exception as exc:
             return _error(422, f"could not read the image: {exc}")
-        return self._completion(text, image, prompt, max_tokens)
+        return self._completion(text, image, prompt, max_tokens, bool(payload.get("logprobs")))
 
     def _check(self, payload: dict):
         if payload.get("model") not in (None, self.model):
@@ -130,15 +150,20 @@ class OcrServer:
         except (ValueError, TypeError) as exc:
             return _error(400, str(exc))
 
-    def _completion(self, text: str, image: bytes, prompt: str, max_tokens: int) -> Reply:
+    def _completion(self, answer: "str | tuple[str, float | None]", image: bytes, prompt: str, max_tokens: int,
+                    logprobs: bool = False) -> Reply:
+        text, confidence = answer if isinstance(answer, tuple) else (answer, None)
         words = text.split()
         finish = "length" if len(words) > max_tokens else "stop"
         text = " ".join(words[:max_tokens]) if finish == "length" else text
         prompt_tokens = len(image) // 1024 + len(prompt.split())
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        if logprobs:
+            choice["logprobs"] = token_logprobs(text, confidence)
         return _json(200, {
             "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+            "choices": [choice],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": min(len(words), max_tokens),
                       "total_tokens": prompt_tokens + min(len(words), max_tokens)},
         })
@@ -167,7 +192,7 @@ class OcrServer:
                 return self._response(checked)
             image, prompt, max_tokens = checked
             text = await self.answer(image, prompt, max_tokens) if image else ""
-            return self._response(self._completion(text, image, prompt, max_tokens))
+            return self._response(self._completion(text, image, prompt, max_tokens, bool(payload.get("logprobs"))))
         reply = await asyncio.get_running_loop().run_in_executor(self._pool, self.chat, payload)
         return self._response(reply)
 

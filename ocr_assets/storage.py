@@ -176,6 +176,12 @@ class ParquetStore:
         with fs.open(self._existing(asset, partition), "rb") as handle:
             return pq.ParquetFile(handle).metadata.num_rows
 
+    def schema(self, asset: str, partition: str) -> pa.Schema:
+        """The Arrow schema of one asset partition, from its file's footer."""
+        fs, _ = self._fs_root
+        with fs.open(self._existing(asset, partition), "rb") as handle:
+            return pq.ParquetFile(handle).schema_arrow
+
     def segment_dir(self, kind: str, partition: str) -> str:
         """Folder of the append-only segments of ``kind`` (e.g. the recognition cache) for a partition."""
         _, root = self._fs_root

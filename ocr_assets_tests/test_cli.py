@@ -105,7 +105,7 @@ def test_prune_cache_drops_what_the_settings_no_longer_reach(small_dataset, tmp_
     assert answers.num_rows > 0 and len(store.segment_files("recognition_cache", "data-00000-of-00002")) == 1
     # an answer read under other settings (another model, another prompt): no current key reaches it
     store.append_segment("recognition_cache", "data-00000-of-00002", pa.table(
-        {"key": ["0" * 64], "text": ["old"], "status": ["ok"], "error": [None]}, schema=CACHE_SCHEMA))
+        {"key": ["0" * 64], "text": ["old"], "confidence": [None], "status": ["ok"], "error": [None]}, schema=CACHE_SCHEMA))
     done = _run(["prune-cache"], tmp_path, **env)
     assert done.returncode == 0, done.stderr
     assert f"data-00000-of-00002: kept {answers.num_rows}, dropped 1" in done.stdout
@@ -122,4 +122,4 @@ def test_sample_command_writes_shards(tmp_path):
     assert sorted(p.name for p in (tmp_path / "s").glob("*.arrow")) == [
         "data-00000-of-00002.arrow", "data-00001-of-00002.arrow"]
     assert sorted(p.name for p in (tmp_path / "s").glob("*.parquet")) == [
-        "documents-multipage.parquet", "documents-pdf.parquet"]
+        "documents-multipage.parquet", "documents-pdf.parquet", "scans.parquet"]

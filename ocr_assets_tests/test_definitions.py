@@ -16,11 +16,16 @@ REQUIRED_COLUMNS = {
     "pages": {"page_id", "shard", "row", "page", "format", "width", "height", "nbytes", "status", "error"},
     "layout": {"page_id", "region", "label", "task", "score", "x0", "y0", "x1", "y1"},
     "crops": {"page_id", "region", "task", "image", "width", "height"},
-    "recognition": {"page_id", "region", "task", "text", "status", "error"},
-    "documents": {"page_id", "shard", "row", "pages", "status", "markdown", "page_markdown", "error"},
+    "recognition": {"page_id", "region", "task", "text", "confidence", "status", "error"},
+    "documents": {"page_id", "shard", "row", "pages", "status", "markdown", "page_markdown", "confidence", "flags",
+                  "error"},
 }
 TIMING_PARTS = {
     "layout": {"decode_seconds", "preprocess_seconds", "inference_seconds", "postprocess_seconds"},
+    # plotted per partition: present in every one
+    "recognition": {"mean_confidence", "confident_regions"},
+    "documents": {"mean_confidence", "confident_pages", "suspect_pages", "pages_rotated", "pages_skewed",
+                  "pages_figure_text", "pages_low_confidence"},
 }
 
 
@@ -100,6 +105,11 @@ def test_every_asset_reports_timings(materialized):
         assert metadata["stage_seconds"].value > 0
         assert TIMING_PARTS.get(name, set()) <= set(metadata), name
     assert "model_load_seconds" in events["layout"] and "model_load_seconds" in events["recognition"]
+    # clean sample pages read by the local models: a confidence on every one, none suspect
+    assert 0.9 < events["documents"]["mean_confidence"].value <= 1.0
+    assert events["documents"]["confident_pages"].value == events["documents"]["pages"].value
+    assert events["documents"]["suspect_pages"].value == 0
+    assert 0.9 < events["recognition"]["mean_confidence"].value <= 1.0
 
 
 def test_sensor_registers_new_shards_once(small_dataset, tmp_path):

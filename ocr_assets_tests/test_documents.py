@@ -78,7 +78,7 @@ def test_documents_statuses_markdown_and_regions():
     parsed = json.loads(docs["ok"]["regions"])
     assert [r["region"] for r in parsed] == list(range(7))
     assert parsed[6] == {"page": 0, "region": 6, "label": "figure", "task": "skip", "box": [10, 20, 30, 40],
-                         "source": "model", "text": "", "status": "ok", "error": None}
+                         "source": "model", "text": "", "confidence": None, "status": "ok", "error": None}
     failed = json.loads(docs["partial"]["regions"])[1]
     assert (failed["status"], failed["error"]) == ("error", "server timeout")
     assert json.loads(docs["no_regions"]["regions"]) == []

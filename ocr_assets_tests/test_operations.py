@@ -51,7 +51,8 @@ def test_checks_pass_and_are_recorded(instance_with_runs):
     evaluations = {(e.asset_key.to_user_string(), e.check_name): e for e in full.get_asset_check_evaluations()}
     assert set(evaluations) == {("pages", "every_source_row"), ("layout", "page_error_rate"),
                                 ("recognition", "error_rate"), ("recognition", "empty_text_rate"),
-                                ("documents", "every_source_row"), ("documents", "page_error_rate")}
+                                ("documents", "every_source_row"), ("documents", "page_error_rate"),
+                                ("documents", "suspect_page_rate")}
     assert all(e.passed for e in evaluations.values())
     assert evaluations[("pages", "every_source_row")].metadata["missing_rows"].value == 0
 
@@ -169,6 +170,64 @@ def test_failed_pages_make_layout_red_and_block_the_rest(tmp_path, monkeypatch):
     shutil.rmtree(tmp_path / "home")
     result = _materialize(str(folder), tmp_path)
     assert result.success and _checks(result)["layout/page_error_rate"] and _checks(result)["documents/page_error_rate"]
+
+
+def _upside_down_dataset(folder) -> list[str]:
+    """Two sample pages stored upside down, as a Parquet shard; their upright text."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from ocr_assets.sample import render_page
+
+    rows, truths = [], []
+    for i in range(2):
+        page, truth = render_page(i)
+        buf = io.BytesIO()
+        page.rotate(180).save(buf, format="PNG")
+        rows.append({"bytes": buf.getvalue(), "path": None})
+        truths.append(truth)
+    folder.mkdir()
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"image": pa.array(rows, type=image_type)}), folder / "train-0.parquet")
+    return truths
+
+
+def test_pages_read_upside_down_are_suspect_and_turn_the_documents_check_red(tmp_path, monkeypatch):
+    """Pages fed upside down with orientation off: read as garbage, with a low confidence at the
+    default threshold, never ok."""
+    import pyarrow.parquet as pq
+
+    _upside_down_dataset(tmp_path / "dataset")
+    monkeypatch.setenv(config.ENV_ORIENTATION, "off")
+    result = _materialize(str(tmp_path / "dataset"), tmp_path)
+    assert result.success and _checks(result)["documents/suspect_page_rate"] is False
+    docs = pq.read_table(tmp_path / "out" / "documents" / "train-0.parquet").to_pylist()
+    threshold = config.DEFAULT_MIN_PAGE_CONFIDENCE
+    assert [d["status"] for d in docs] == ["suspect", "suspect"]
+    assert all(f"below OCR_ASSETS_MIN_PAGE_CONFIDENCE={threshold}" in d["error"] for d in docs)
+    assert all(d["confidence"] < threshold and "low_confidence" in d["flags"] for d in docs)
+    meta = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert meta["documents"]["suspect_pages"].value == 2 and meta["documents"]["mean_confidence"].value < threshold
+
+
+def test_pages_stored_upside_down_are_turned_and_read_through_every_asset(tmp_path):
+    """The same pages with orientation on (the default): layout and crops both work on the upright
+    page, so the text reads as well as the upright page's and the documents say how it was turned."""
+    import pyarrow.parquet as pq
+
+    from ocr_assets.evaluation import word_scores
+
+    truths = _upside_down_dataset(tmp_path / "dataset")
+    result = _materialize(str(tmp_path / "dataset"), tmp_path)
+    assert result.success and all(_checks(result).values())
+    layout = pq.read_table(tmp_path / "out" / "layout" / "train-0.parquet", columns=["rotation", "skew"])
+    assert set(layout.column("rotation").to_pylist()) == {180} and set(layout.column("skew").to_pylist()) == {0.0}
+    docs = pq.read_table(tmp_path / "out" / "documents" / "train-0.parquet").to_pylist()
+    assert [d["status"] for d in docs] == ["ok", "ok"]
+    assert all(d["flags"] == ["rotated"] and d["confidence"] > config.DEFAULT_MIN_PAGE_CONFIDENCE for d in docs)
+    for doc, truth in zip(docs, truths):
+        assert word_scores(doc["markdown"], truth)[2] >= 0.9
 
 
 def test_previews_in_the_metadata(instance_with_runs):

@@ -100,12 +100,15 @@ def test_stage_schema_pass_through_and_counts(recognizer):
     rows = table.to_pylist()
     assert [(r["page_id"], r["region"]) for r in rows] == [("p", 0), ("p", 1), ("p", 2), ("p", 3), ("q", -1)]
     assert _f1(rows[0]["text"], LINE) >= 0.9
-    assert rows[1] == dict(page_id="p", region=1, task="skip", text="", status="ok", error=None)
+    assert rows[1] == dict(page_id="p", region=1, task="skip", text="", confidence=None, status="ok", error=None)
+    assert rows[0]["confidence"] > 0.9 and rows[3]["confidence"] > 0.9  # clean print
+    assert rows[2]["confidence"] is None and rows[4]["confidence"] is None  # nothing read
     assert (rows[2]["status"], rows[2]["error"]) == ("error", "empty box")
     assert "name" in rows[3]["text"].lower() and rows[3]["status"] == "ok"
     assert (rows[4]["status"], rows[4]["error"]) == ("error", "layout failed")
     assert report.counts == {"regions": 4, "recognized": 2, "skipped": 1, "errors": 2, "region_errors": 1,
-                             "empty_text": 0, "cache_hits": 0}
+                             "empty_text": 0, "cache_hits": 0, "confident_regions": 2}
+    assert report.info["mean_confidence"] > 0.9
     assert report.pages == 2 and report.parts["recognize"] > 0
 
 

@@ -285,6 +285,9 @@ def test_dagster_pipeline_with_the_openai_recognizer(small_dataset, tmp_path):
     assert "vlm_api_key" not in json.dumps({k: str(v) for k, v in first.items()})
     docs = pq.read_table(tmp_path / "out" / "documents" / f"{key}.parquet")
     assert set(docs.column("status").to_pylist()) == {"ok"}
+    # the server's logprobs carry the local models' confidence over HTTP, to every page
+    assert all(c is not None and c > 0.9 for c in docs.column("confidence").to_pylist())
+    assert first["mean_confidence"].value > 0.9 and first["confident_regions"].value > 0
 
 
 FAKE_VLLM = """#!{python}

@@ -14,13 +14,25 @@ Markdown rules (kept simple on purpose):
 
 Page status: ``error`` when the page failed as a whole (pages status error, or a page-error row
 at layout/crops/recognition) or when every region with a task to read failed; ``empty`` when no
-region has text; ``partial`` when some regions failed; else ``ok``.
+region has text; ``partial`` when some regions failed; else ``ok``. An ``ok`` page whose
+confidence is below ``OCR_ASSETS_MIN_PAGE_CONFIDENCE`` is ``suspect`` instead (its text may be
+mostly wrong); a ``partial`` one stays ``partial`` (work left undone says more); both get the
+``low_confidence`` flag and the reason in the row's ``error``.
+
+Page confidence: the mean of its read regions' confidences, weighted by their characters (regions
+without a confidence left out); null when nothing was read or no region has one (a recognizer
+that gives none: such a page is never suspect). A row's confidence weighs its pages the same way.
+Page flags (sorted): ``rotated`` (layout ``rotation`` != 0), ``skewed`` (``skew`` != 0),
+``figure_text`` (a region with ``source`` "figure"), ``low_confidence`` (below the threshold);
+absent or null layout columns count as 0. A row's ``flags`` are the union of its pages'.
 
 Row status, over its pages: ``ok`` when some page has text and none failed (empty pages among
 them are fine); ``empty`` when no page has text and none failed; ``partial`` when some page
-failed (or is partial) but text was read; ``error`` when failures left nothing read. ``error``
-joins the distinct reasons with "; ", each prefixed with its pages (``page 3: …``) in a
-multi-page row.
+failed (or had regions fail, suspect or not) but text was read; ``error`` when failures left
+nothing read; else ``suspect`` when some read page is suspect. So error and partial are
+stronger than suspect (work was left undone: run again), and suspect is stronger than ok.
+``error`` joins the distinct reasons with "; ", each prefixed with its pages (``page 3: …``)
+in a multi-page row.
 
 Layout and recognition are read once, as record batches, in the pages' order (the order the
 stages upstream write them); only one page's rows are held at a time, and documents are handed
@@ -32,10 +44,13 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ocr_assets import config
+from ocr_assets.backends.recognition.base import text_weight, weighted_confidence
 from ocr_assets.config import TITLE_LABELS
 from ocr_assets.schemas import DOCUMENTS, PAGE_ERROR_REGION
 from ocr_assets.stages.output import Sink, StageOutput
@@ -46,15 +61,27 @@ Rows = pa.Table | Iterable[pa.RecordBatch]
 # Documents per table handed to the sink (a few MB of Markdown).
 DOCUMENT_ROWS = 256
 
-LAYOUT_COLUMNS = ["page_id", "region", "label", "task", "x0", "y0", "x1", "y1", "source", "status", "error"]
-RECOGNITION_COLUMNS = ["page_id", "region", "text", "status", "error"]
+# columns read; those after the first ones may be absent from older partitions (read as null)
+LAYOUT_COLUMNS = ["page_id", "region", "label", "task", "x0", "y0", "x1", "y1", "source", "status", "error",
+                  "rotation", "skew"]
+RECOGNITION_COLUMNS = ["page_id", "region", "text", "status", "error", "confidence"]
+STATUSES = ("ok", "partial", "empty", "suspect", "error")
+FLAGS = (config.FLAG_ROTATED, config.FLAG_SKEWED, config.FLAG_FIGURE_TEXT, config.FLAG_LOW_CONFIDENCE)
+
+
+def _select(data: pa.Table | pa.RecordBatch, columns: list[str]) -> pa.Table | pa.RecordBatch:
+    """``columns`` of ``data`` in that order, a column ``data`` lacks as nulls."""
+    arrays = [data.column(name) if name in data.schema.names else pa.nulls(data.num_rows) for name in columns]
+    if isinstance(data, pa.Table):
+        return pa.Table.from_arrays(arrays, names=columns)
+    return pa.RecordBatch.from_arrays(arrays, names=columns)
 
 
 def _in_page_order(data: Rows, position: dict[str, int], columns: list[str]) -> Iterator[pa.RecordBatch]:
     """Record batches of ``columns`` only; a table out of the pages' order is put in it first (its
     rows are in memory already); RuntimeError for rows of a page the pages table does not hold."""
     if isinstance(data, pa.Table):
-        table = data.select(columns)
+        table = _select(data, columns)
         if table.num_rows:
             ids = table.column("page_id").to_pylist()
             positions = pa.array([position.get(page_id) for page_id in ids], pa.int64())
@@ -69,7 +96,7 @@ def _in_page_order(data: Rows, position: dict[str, int], columns: list[str]) -> 
         yield from table.to_batches()
         return
     for batch in data:
-        yield batch.select(columns)
+        yield _select(batch, columns)
 
 
 def _runs(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[str, list[tuple]]]:
@@ -152,18 +179,32 @@ def _block(label: str, task: str, text: str, box: list, page_id: str, first: boo
     return text
 
 
-def _page(page_id: str, page: int, layout: list[tuple], recognition: list[tuple]) -> tuple[str, str, list, list]:
-    """(status, markdown, regions, error reasons) of one page from its layout and recognition rows."""
+@dataclass
+class _Page:
+    """What one page contributes to its row's document."""
+
+    status: str
+    markdown: str
+    regions: list[dict]
+    reasons: list[str]
+    confidence: float | None = None
+    weight: int = 0  # characters read with a confidence: the page's weight in its row's confidence
+    flags: list[str] = field(default_factory=list)
+    region_failed: bool = False
+
+
+def _page(page_id: str, page: int, layout: list[tuple], recognition: list[tuple], threshold: float) -> _Page:
+    """One page from its layout and recognition rows; ``threshold``: OCR_ASSETS_MIN_PAGE_CONFIDENCE."""
     by_layout = {row[1]: row for row in layout}
     by_recognition = {row[1]: row for row in recognition}
-    blocks, regions, reasons = [], [], []
+    blocks, regions, reasons, scored = [], [], [], []
     page_failed = has_text = region_failed = any_ok = False
     first = True
     for region in sorted(by_layout.keys() | by_recognition.keys()):
         lay = by_layout.get(region)
         rec = by_recognition.get(region)
         l_status, l_error = (lay[9], lay[10]) if lay else (None, None)
-        text, r_status, r_error = (rec[2], rec[3], rec[4]) if rec else (None, None, None)
+        text, r_status, r_error, confidence = (rec[2], rec[3], rec[4], rec[5]) if rec else (None, None, None, None)
         reason = r_error or l_error
         if region == PAGE_ERROR_REGION:
             page_failed = True
@@ -181,9 +222,11 @@ def _page(page_id: str, page: int, layout: list[tuple], recognition: list[tuple]
         if status == "error":
             region_failed = True
             reasons.append(reason or "region failed")
+            confidence = None
         else:
             if task != "skip":
                 any_ok = True
+                scored.append((confidence, text_weight(text)))
             block = _block(label, task, text, box, page_id, first)
             if block is not None:
                 blocks.append(block)
@@ -191,7 +234,8 @@ def _page(page_id: str, page: int, layout: list[tuple], recognition: list[tuple]
             first = False
         regions.append({
             "page": page, "region": region, "label": label, "task": task, "box": box, "source": source,
-            "text": text or "", "status": status, "error": reason,
+            "text": text or "", "confidence": None if confidence is None else round(float(confidence), 4),
+            "status": status, "error": reason,
         })
     if page_failed or (region_failed and not any_ok and not has_text):
         status = "error"
@@ -201,15 +245,45 @@ def _page(page_id: str, page: int, layout: list[tuple], recognition: list[tuple]
         status = "partial"
     else:
         status = "ok"
-    return status, "\n\n".join(blocks), regions, reasons
+    confidence = weighted_confidence(scored) if has_text else None
+    flags = _layout_flags(layout)
+    if confidence is not None and confidence < threshold:
+        flags.add(config.FLAG_LOW_CONFIDENCE)
+        reasons.append(_suspect_reason(confidence, threshold))
+        if status == "ok":  # a partial page stays partial: work left undone says more than doubt
+            status = "suspect"
+    return _Page(status, "\n\n".join(blocks), regions, reasons, confidence,
+                 sum(w for c, w in scored if c is not None) if confidence is not None else 0, sorted(flags),
+                 region_failed)
 
 
-def _row_status(statuses: list[str]) -> str:
-    """A source row's status over its pages' statuses (see the module docstring)."""
-    failed = any(s in ("error", "partial") for s in statuses)
-    read = any(s in ("ok", "partial") for s in statuses)
+def _layout_flags(layout: list[tuple]) -> set[str]:
+    """rotated, skewed, figure_text as the page's layout rows say (absent or null: 0)."""
+    flags = set()
+    for row in layout:
+        if row[11]:
+            flags.add(config.FLAG_ROTATED)
+        if row[12]:
+            flags.add(config.FLAG_SKEWED)
+        if row[8] == config.SOURCE_FIGURE:
+            flags.add(config.FLAG_FIGURE_TEXT)
+    return flags
+
+
+def _suspect_reason(confidence: float, threshold: float) -> str:
+    return (f"confidence {confidence:.2f} is below {config.ENV_MIN_PAGE_CONFIDENCE}={threshold:g}: the text may be "
+            f"mostly wrong (a page upside down, blurred or noisy?); check the page's image, or lower "
+            f"{config.ENV_MIN_PAGE_CONFIDENCE} if such pages read well")
+
+
+def _row_status(pages: list[_Page]) -> str:
+    """A source row's status over its pages (see the module docstring)."""
+    failed = any(p.status in ("error", "partial") or p.region_failed for p in pages)
+    read = any(p.status in ("ok", "partial", "suspect") for p in pages)
     if read:
-        return "partial" if failed else "ok"
+        if failed:
+            return "partial"
+        return "suspect" if any(p.status == "suspect" for p in pages) else "ok"
     return "error" if failed else "empty"
 
 
@@ -271,14 +345,22 @@ def assemble_documents(
     columns are read). Every page reaches its row's document. With ``sink``, documents are handed
     to it in row order, in tables of ``DOCUMENT_ROWS``, and None is returned in place of the table.
     Raises RuntimeError when layout or recognition rows are out of the pages' order (a stale or
-    foreign partition). Counts: one per document status, documents, regions; ``report.pages``.
+    foreign partition), ValueError when OCR_ASSETS_MIN_PAGE_CONFIDENCE is not a number in [0, 1].
+    Counts: one per document status, documents, regions, suspect_pages, confident_pages (pages with
+    a confidence), ``pages_<flag>`` for each flag; ``report.pages``; info: ``mean_confidence`` (over
+    the partition's pages, weighted by characters; 0.0 when no page has one, so the key is always
+    there for Dagster to plot; ``confident_pages`` tells the two apart).
     See the module docstring for the Markdown and status rules.
     """
     report = report or StageReport()
     output = StageOutput(sink, DOCUMENTS)
     with timed_stage(report):
-        for name in ("documents", "regions"):
+        threshold = config.min_page_confidence()
+        # every key in every partition, so Dagster plots them all
+        for name in ("documents", "regions", "suspect_pages", "confident_pages", *(f"pages_{f}" for f in FLAGS),
+                     *STATUSES):
             report.counts.setdefault(name, 0)
+        scored = [0.0, 0]  # sum of page confidence x characters, characters: the partition's mean confidence
         cols = _sorted_pages(pages)
         position = {page_id: i for i, page_id in enumerate(cols["page_id"])}
         regions_of = _PageRows("layout", layout, position, LAYOUT_COLUMNS)
@@ -297,36 +379,40 @@ def assemble_documents(
             hi = lo + 1
             while hi < n and cols["row"][hi] == cols["row"][lo]:
                 hi += 1
-            statuses, markdowns, blocks, regions, reasons = [], [], [], [], []
+            row_pages: list[_Page] = []
+            blocks, regions, reasons = [], [], []
             for i in range(lo, hi):
                 page_id, page = cols["page_id"][i], cols["page"][i]
                 with report.part("join"):
                     layout_rows, recognition_rows = regions_of.take(page_id, i), texts_of.take(page_id, i)
                 with report.part("assemble"):
-                    status, markdown, page_regions, page_reasons = _page(page_id, page, layout_rows,
-                                                                         recognition_rows)
+                    one = _page(page_id, page, layout_rows, recognition_rows, threshold)
                     if cols["status"][i] == "error":
-                        status = "error"
-                        page_reasons.insert(0, cols["error"][i] or "page failed at extraction")
-                    report.count("regions", sum(r["region"] >= 0 for r in page_regions))
-                    statuses.append(status)
-                    markdowns.append(markdown)
+                        one.status = "error"
+                        one.reasons.insert(0, cols["error"][i] or "page failed at extraction")
+                    report.count("regions", sum(r["region"] >= 0 for r in one.regions))
+                    _count_page(report, one, scored)
+                    row_pages.append(one)
                     if i > lo:
                         blocks.append(f"<!-- page {page} -->")
-                    if markdown:
-                        blocks.append(markdown)
-                    regions.extend(page_regions)
-                    reasons.append((page, page_reasons))
+                    if one.markdown:
+                        blocks.append(one.markdown)
+                    regions.extend(one.regions)
+                    reasons.append((page, one.reasons))
             with report.part("assemble"):
-                status = _row_status(statuses)
+                status = _row_status(row_pages)
                 out["page_id"].append(_row_id(cols["page_id"][lo:hi], cols["page"][lo:hi]))
                 out["shard"].append(cols["shard"][lo])
                 out["row"].append(cols["row"][lo])
                 out["pages"].append(hi - lo)
                 out["status"].append(status)
                 out["markdown"].append("\n\n".join(blocks))
-                out["page_markdown"].append(markdowns)
-                out["page_status"].append(statuses)
+                out["page_markdown"].append([p.markdown for p in row_pages])
+                out["page_status"].append([p.status for p in row_pages])
+                out["confidence"].append(weighted_confidence((p.confidence, p.weight) for p in row_pages))
+                out["page_confidence"].append([p.confidence for p in row_pages])
+                out["flags"].append(sorted({flag for p in row_pages for flag in p.flags}))
+                out["page_flags"].append([p.flags for p in row_pages])
                 out["regions"].append(json.dumps(regions, ensure_ascii=False))
                 out["error"].append(_row_error(reasons, hi - lo > 1))
                 report.count(status)
@@ -340,4 +426,17 @@ def assemble_documents(
             texts_of.drain(last)
         flush()
         report.pages = n
+        report.info["mean_confidence"] = round(scored[0] / scored[1], 4) if scored[1] else 0.0
     return output.result(), report
+
+
+def _count_page(report: StageReport, page: _Page, scored: list) -> None:
+    """Count a page's status and flags, and add it to the partition's mean confidence."""
+    if page.status == "suspect":
+        report.count("suspect_pages")
+    for flag in page.flags:
+        report.count(f"pages_{flag}")
+    if page.confidence is not None and page.weight:
+        scored[0] += page.confidence * page.weight
+        scored[1] += page.weight
+        report.count("confident_pages")

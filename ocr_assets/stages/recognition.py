@@ -3,13 +3,18 @@
 Crops come as a table or as record batches (e.g. read from the crops file) and are handed to the
 recognizer one batch at a time, as it asks for them: a shard of 100,000 regions never holds all of
 its crop images, and a recognizer that keeps many requests in flight takes the next crop as soon
-as one finishes. Only small per-row results (text, status, error, page_id, region, task) are kept,
+as one finishes. Only small per-row results (text, confidence, status, error, page_id, region, task) are kept,
 and with a ``sink`` each finished prefix of rows is written out in crops order and released. With
 a cache, answers already paid for (an earlier run of the same partition, crashed or not) are read
 back instead; only final answers are cached, and the partition's cache is compacted at the end.
 
 Every row starts unanswered and becomes ``ok`` or ``error`` only when its result (or a cache
 hit, an upstream error, or a skip) is recorded: a row nobody answered fails the step.
+
+A row's ``confidence`` is the recognizer's (null where no text was read: errors, skips, blank
+answers, or a recognizer that gives none); the report's ``mean_confidence`` is their mean over
+the partition weighted by characters read, 0.0 when no region has one (``confident_regions``
+says how many do), so the key is in every partition's metadata and Dagster plots it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from ocr_assets.backends.recognition.base import Crop, Recognized, Recognizer
+from ocr_assets.backends.recognition.base import Crop, Recognized, Recognizer, text_weight
 from ocr_assets.recognition_cache import RecognitionCache
 from ocr_assets.schemas import PAGE_ERROR_REGION, RECOGNITION
 from ocr_assets.stages.output import Sink, StageOutput
@@ -83,6 +88,7 @@ class _Chunk:
     start: int
     ids: pa.RecordBatch  # page_id, region, task: never the images
     text: list[str]
+    confidence: list[float | None]
     status: list[str | None]  # None: unanswered; never ok by default
     error: list[str | None]
     open: int = 0  # rows still unanswered
@@ -91,7 +97,8 @@ class _Chunk:
         return pa.RecordBatch.from_arrays(
             [self.ids.column(0).cast(pa.string()), self.ids.column(1).cast(pa.int32()),
              self.ids.column(2).cast(pa.string()), pa.array(self.text, pa.string()),
-             pa.array(self.status, pa.string()), pa.array(self.error, pa.string())],
+             pa.array(self.confidence, pa.float32()), pa.array(self.status, pa.string()),
+             pa.array(self.error, pa.string())],
             schema=RECOGNITION,
         )
 
@@ -111,7 +118,7 @@ class _InOrder:
         n = batch.num_rows
         chunk = _Chunk(self.rows, pa.RecordBatch.from_arrays(
             [batch.column("page_id"), batch.column("region"), batch.column("task")], ["page_id", "region", "task"]),
-            [""] * n, [None] * n, [None] * n)
+            [""] * n, [None] * n, [None] * n, [None] * n)
         self.rows += n
         self.held.append(chunk)
         return chunk
@@ -150,11 +157,13 @@ def run_recognition(
     from the file's footer) lets the progress line say how far the stage is; a table gives it.
     Raises RuntimeError when the recognizer never answered some rows (a bug, not a region's fault).
     Counts: regions, recognized, skipped, errors, region_errors (errors of regions, failed pages'
-    rows excluded), empty_text (a non-empty crop read as no text), cache_hits.
+    rows excluded), empty_text (a non-empty crop read as no text), cache_hits, confident_regions
+    (regions read with a confidence); info: mean_confidence (see the module docstring).
     """
     report = report or StageReport()
     with timed_stage(report):
-        for name in ("regions", "recognized", "skipped", "errors", "region_errors", "empty_text", "cache_hits"):
+        for name in ("regions", "recognized", "skipped", "errors", "region_errors", "empty_text", "cache_hits",
+                     "confident_regions"):
             report.counts.setdefault(name, 0)
         report.parts.setdefault("recognize", 0.0)
         total = crops.num_rows if isinstance(crops, pa.Table) else rows
@@ -165,6 +174,7 @@ def run_recognition(
         lock = threading.Lock()  # cache hits are answered on the recognizer's thread, results on this one
         to_read = 0
         exhausted = False
+        weighted = [0.0, 0]  # sum of confidence x characters, characters: the partition's mean confidence
 
         def done(chunk: _Chunk, j: int, status: str, error: str | None = None) -> None:
             """Record one row's outcome (under ``lock``) and write what is ready."""
@@ -183,6 +193,13 @@ def run_recognition(
                 done(chunk, j, "error", result.error or f"recognizer {recognizer.name!r} gave status {result.status!r}")
                 return
             chunk.text[j] = result.text or ""
+            weight = text_weight(chunk.text[j])
+            if weight and result.confidence is not None:
+                confidence = min(1.0, max(0.0, float(result.confidence)))
+                chunk.confidence[j] = confidence
+                weighted[0] += confidence * weight
+                weighted[1] += weight
+                report.count("confident_regions")
             report.count("recognized")
             if not chunk.text[j].strip() and not empty_crop:
                 report.count("empty_text")
@@ -271,4 +288,5 @@ def run_recognition(
             )
         out.flush(final=True)
         report.pages = len(page_ids)
+        report.info["mean_confidence"] = round(weighted[0] / weighted[1], 4) if weighted[1] else 0.0
     return output.result(), report

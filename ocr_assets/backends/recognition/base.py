@@ -26,12 +26,33 @@ class Recognized:
     same request would get again (an answer cut at max_tokens, a repetition loop). Failures of
     the channel (a 4xx, a timeout, a dropped connection, a batch that crashed) are never cached:
     a rotated key or a restarted server must not poison later runs.
+
+    ``confidence`` is the recognizer's own certainty in the text, in [0, 1] (the local models'
+    line scores, a VLM's token probabilities); None when no text was read or the recognizer
+    gives no certainty.
     """
 
     text: str
     status: str = "ok"
     error: str | None = None
     cacheable: bool = False
+    confidence: float | None = None
+
+
+def text_weight(text: str | None) -> int:
+    """The characters a confidence is weighted by: the text's non-whitespace characters."""
+    return sum(not c.isspace() for c in text or "")
+
+
+def weighted_confidence(parts: Iterable[tuple[float | None, int]]) -> float | None:
+    """The mean of (confidence, weight) pairs weighted by their weights, ignoring parts with no
+    confidence or no weight; None when nothing is left."""
+    total = weight = 0.0
+    for confidence, w in parts:
+        if confidence is not None and w > 0:
+            total += float(confidence) * w
+            weight += w
+    return min(1.0, max(0.0, total / weight)) if weight else None
 
 
 class Recognizer(Protocol):

@@ -45,6 +45,27 @@ class VlmStats:
         return out
 
 
+def token_confidence(logprobs) -> float | None:
+    """A region's confidence from a choice's ``logprobs`` (``{"content": [{"token", "logprob"}, ...]}``):
+    exp of the mean token log-probability, i.e. the geometric mean of the tokens' probabilities.
+
+    Length-normalised (a long answer is not less certain for being long), and every token counts:
+    one token at probability 0.01 among twenty otherwise certain ones gives 0.79, where a plain mean of
+    probabilities gives 0.95 and the minimum 0.01, whatever the length. None when the server sent
+    no log-probabilities (null, absent, malformed): no confidence, never an error.
+    """
+    try:
+        tokens = logprobs.get("content") if isinstance(logprobs, dict) else None
+        values = [float(t["logprob"]) for t in tokens or () if isinstance(t, dict)
+                  and isinstance(t.get("logprob"), (int, float)) and not isinstance(t.get("logprob"), bool)]
+    except (TypeError, ValueError):
+        return None
+    values = [min(0.0, v) for v in values if not math.isnan(v)]  # a log-probability is never above 0
+    if not values:
+        return None
+    return math.exp(max(sum(values) / len(values), -700.0))  # -inf (vLLM's -9999 too): 0, not an error
+
+
 def repetition_loop(text: str, min_chars: int = 400, max_period: int = 200, repeats: int = 8) -> bool:
     """Whether ``text`` ends in one short chunk repeated over and over (a decoding loop)."""
     if len(text) < min_chars:

@@ -14,12 +14,21 @@ that still fails, or that hits anything unexpected, gets the reason, and the oth
 answer cut at ``max_tokens`` or caught in a repetition loop is flagged, not kept as text.
 When the caller stops reading (the step is interrupted or failed), the requests in flight are
 cancelled at once.
+
+Each request asks for ``logprobs`` (unless ``logprobs=False``: the resource's ``vlm_logprobs``);
+a region's confidence is exp of the mean log-probability of the answer's tokens (see
+``openai_replies.token_confidence``). A server that sends none gives the region no confidence
+(null), not an error. A 400 to a request with ``logprobs`` is asked once more without them (not
+counted as an attempt); when that one is answered, the server refuses the parameter and the rest
+of the run reads without it. Those answers lack what the cache key promises (a confidence), so
+they are not cached: a user of such a server sets ``vlm_logprobs`` to false, which changes the key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import queue
 import random
@@ -34,11 +43,12 @@ import aiohttp
 
 from ocr_assets import config
 from ocr_assets.backends.recognition.base import Crop, Recognized, content_key
-from ocr_assets.backends.recognition.openai_replies import VlmStats, http_reason, retry_after_seconds, repetition_loop
+from ocr_assets.backends.recognition.openai_replies import (VlmStats, http_reason, repetition_loop,
+                                                           retry_after_seconds, token_confidence)
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 # Bumped when the way an answer becomes a region's text changes: cached answers are then read again.
-ANSWER_FORMAT = "2"
+ANSWER_FORMAT = "3"  # 3: logprobs asked for, the answer's confidence kept
 _DONE = object()
 _STOP_POLL_SECONDS = 0.05  # how soon the event loop notices that the caller stopped reading
 _JOIN_SECONDS = 10.0  # the longest a stopped stream waits for its event loop to wind down
@@ -83,6 +93,7 @@ class OpenAIRecognizer:
         backoff_base: float = 0.5,
         backoff_max: float = 30.0,
         verify_tls: bool = True,
+        logprobs: bool = True,
         probe: bool = True,
     ) -> None:
         if not base_url:
@@ -102,6 +113,8 @@ class OpenAIRecognizer:
         self.verify_tls = bool(verify_tls)
         self.version = f"openai-client/{ANSWER_FORMAT}"
         self._url = f"{self.base_url}/chat/completions"
+        self.logprobs = bool(logprobs)  # as configured: part of the cache key
+        self.ask_logprobs = self.logprobs  # turned off when the server refuses the parameter
         self.stats = VlmStats()
         if probe:
             self.probe()
@@ -112,7 +125,7 @@ class OpenAIRecognizer:
         """Crop bytes, the client's answer format, model, prompt and sampling (the request as sent)."""
         prompt = self.prompts.get(crop.task, self.prompts["text"])
         return content_key(crop.image, self.name, self.version, self.model, prompt, "temperature=0",
-                           f"max_tokens={self.max_tokens.get(crop.task, 8192)}")
+                           f"max_tokens={self.max_tokens.get(crop.task, 8192)}", f"logprobs={self.logprobs}")
 
     def run_metadata(self) -> dict[str, int | float]:
         return self.stats.metadata()
@@ -245,9 +258,10 @@ class OpenAIRecognizer:
             slots.release()
         answers.put((key, result))
 
-    def _request(self, crop: Crop) -> dict:
+    def _request(self, crop: Crop, logprobs: bool) -> dict:
         data = base64.b64encode(crop.image).decode("ascii")
         mime = "image/png" if crop.image[:4] == b"\x89PNG" else "image/jpeg"
+        extra = {"logprobs": True} if logprobs else {}
         return dict(
             model=self.model,
             messages=[{"role": "user", "content": [
@@ -256,6 +270,7 @@ class OpenAIRecognizer:
             ]}],
             temperature=0.0,
             max_tokens=self.max_tokens.get(crop.task, 8192),
+            **extra,
         )
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
@@ -266,11 +281,18 @@ class OpenAIRecognizer:
     async def _read(self, session: aiohttp.ClientSession, crop: Crop) -> Recognized:
         if not crop.image:
             return Recognized("", "error", "empty crop image")
-        body = json.dumps(self._request(crop)).encode()
+        asked_logprobs = self.ask_logprobs
+        body = json.dumps(self._request(crop, asked_logprobs)).encode()
         stats = self.stats
         reason = "no attempt"
-        for attempt in range(self.max_attempts):
-            if attempt:
+        probing = False  # this request is the one asked again without logprobs after a 400
+        attempt = -1
+        while attempt + 1 < self.max_attempts or probing:
+            if not probing:
+                attempt += 1
+            if asked_logprobs and not self.ask_logprobs:  # another request found that the server refuses them
+                asked_logprobs, body = False, json.dumps(self._request(crop, False)).encode()
+            if attempt and not probing:
                 stats.retries += 1
             retry_after = None
             stats.requests += 1
@@ -280,6 +302,16 @@ class OpenAIRecognizer:
             try:
                 async with session.post(self._url, data=body) as response:
                     status, headers, content = response.status, response.headers, await response.read()
+                if status == 400 and asked_logprobs:  # the request, or only its logprobs? ask again to see
+                    probing, asked_logprobs = True, False
+                    body = json.dumps(self._request(crop, False)).encode()
+                    reason = http_reason(status, content)
+                    continue
+                if probing:
+                    probing = False
+                    if status == 200 and self.ask_logprobs:  # answered without them: the server refuses them
+                        stats.errors["logprobs_refused"] += 1
+                        self.ask_logprobs = False
                 if status != 200:
                     stats.errors[f"http_{status}"] += 1
                     reason = http_reason(status, content)
@@ -298,6 +330,8 @@ class OpenAIRecognizer:
                         reason = f"malformed answer from the VLM server: {type(exc).__name__}: {exc}"
                     else:
                         if result is not None:
+                            if self.logprobs and not asked_logprobs:  # no confidence, where the key promises one
+                                result = dataclasses.replace(result, cacheable=False)
                             return result
                         stats.errors["empty_choices"] += 1
                         reason = "the VLM server answered without a choice"
@@ -338,4 +372,6 @@ class OpenAIRecognizer:
         if repetition_loop(text):
             self.stats.errors["repetition"] += 1
             return Recognized("", "error", "answer is a repetition loop", cacheable=True)
-        return Recognized(text.strip(), cacheable=True)
+        text = text.strip()
+        confidence = token_confidence(choices[0].get("logprobs")) if text else None
+        return Recognized(text, cacheable=True, confidence=confidence)

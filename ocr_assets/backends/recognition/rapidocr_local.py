@@ -5,6 +5,12 @@ rapidocr's default resize (``limit_type: min, limit_side_len: 736``) would upsca
 to 736 px and spend most of the time on white space; here the crop is kept at its own size and
 only shrunk when its long side exceeds ``det_limit_side_len``. The angle classifier is off by
 default (pages are upright).
+
+A region's confidence is the mean of its lines' recognition scores (rapidocr's per-line mean of
+the characters' CTC probabilities), weighted by each line's characters. Every line read counts,
+including lines left out of the text for a score under ``Global.text_score``: a region whose
+lines were partly unreadable is less certain than the lines it kept. Clean print scores about
+1.0; text upside down, mirrored or sideways, which the models read as plausible garbage, about 0.7.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import numpy as np
 from rapidocr.ch_ppocr_rec import TextRecInput
 from rapidocr.utils.process_img import get_rotate_crop_image
 
-from ocr_assets.backends.recognition.base import Crop, Recognized, content_key, recognize_in_batches
+from ocr_assets.backends.recognition.base import (Crop, Recognized, content_key, recognize_in_batches, text_weight,
+                                                 weighted_confidence)
 from ocr_assets.imaging import decode_page
 
 # Crop settings; the page engine keeps rapidocr's defaults (the benchmark baseline).
@@ -180,9 +187,12 @@ class RapidOcrRecognizer:
         for k, start, boxes in found:
             if results[k] is not None:
                 continue
-            keep = [j for j in range(len(boxes)) if scores[start + j] >= self._text_score and texts[start + j].strip()]
+            read = [j for j in range(len(boxes)) if texts[start + j].strip()]
+            keep = [j for j in read if scores[start + j] >= self._text_score]
             rows = reading_order_lines(boxes[keep], [texts[start + j] for j in keep])
-            results[k] = Recognized(text=_join(crops[k].task, rows), cacheable=True)
+            text = _join(crops[k].task, rows)
+            confidence = weighted_confidence((float(scores[start + j]), text_weight(texts[start + j])) for j in read)
+            results[k] = Recognized(text=text, cacheable=True, confidence=confidence if text.strip() else None)
         return results  # type: ignore[return-value]
 
     def recognize_stream(self, items: Iterable[tuple[int, Crop]]) -> Iterator[tuple[int, Recognized]]:
