@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--shards", type=int, default=2)
     sample.add_argument("--no-documents", action="store_true",
                         help="leave out the two shards of multi-page rows (PDFs, lists of images)")
+    sample.add_argument("--no-scans", action="store_true",
+                        help="leave out the shard of scanned-looking pages (skewed, noisy, some turned)")
 
     run = sub.add_parser("run", help="materialize the assets for every shard (or the ones given)")
     run.add_argument("--partition", action="append", default=[], metavar="KEY",
@@ -53,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sample":
         from ocr_assets.sample import write_sample
 
-        path = write_sample(args.dir, pages=args.pages, shards=args.shards, documents=not args.no_documents)
-        more = "" if args.no_documents else " and 2 shards of multi-page rows (PDFs, lists of images)"
+        path = write_sample(args.dir, pages=args.pages, shards=args.shards, documents=not args.no_documents,
+                            scans=not args.no_scans)
+        extras = ([] if args.no_documents else ["2 shards of multi-page rows (PDFs, lists of images)"]) + (
+            [] if args.no_scans else ["a shard of scanned pages, some turned"])
+        more = "".join(f" and {extra}" for extra in extras)
         print(f"wrote {args.pages} sample pages in {args.shards} shards{more} to {path}")
         return 0
     return run_pipeline(args.partition, [s.strip() for s in args.select.split(",") if s.strip()])

@@ -4,7 +4,9 @@ Each page is a US-letter page at 150 dpi: running header and footer, a title or 
 heading, two columns of pseudo-English paragraphs with headings, a ruled table, a displayed
 formula and a chart with its caption. The ground truth holds the words a reader extracts
 from the page body, in reading order; the header, footer, formula and chart are left out,
-as the pipeline drops or does not compare them.
+as the pipeline drops or does not compare them. Besides these clean pages, ``write_sample`` can
+add multi-page documents and scanned-looking pages (``scanner.scan_page``), some turned sideways or
+upside down, each with the upright page's text as its ground truth.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ocr_assets.scanner import scan_page, stored_as
+
 PAGE_WIDTH, PAGE_HEIGHT = 1275, 1650  # US letter at 150 dpi
 MARGIN = 100
 GUTTER = 60
@@ -31,6 +35,11 @@ FOOTER_TEXT = "Synthetic Documents Press"
 JPEG_QUALITY = 90
 # written beside the save_to_disk shards by ``write_sample(documents=True)``
 MULTIPAGE_SHARDS = ("documents-pdf.parquet", "documents-multipage.parquet")
+# written beside them by ``write_sample(scans=True)``: scanned-looking pages, upright and turned
+SCANS_SHARD = "scans.parquet"
+# each scanned page's clockwise quarter turn back to upright (the LAYOUT ``rotation`` convention)
+SCAN_ROTATIONS = (0, 0, 90, 180, 270, 180)
+SCAN_START = 2000  # page indices apart from the other shards' pages
 
 # Common English words, none of them in the running header or footer.
 VOCABULARY = """
@@ -439,13 +448,44 @@ def _write_documents(dest: Path, seed: int) -> None:
                                features=list_features).to_parquet(str(dest / MULTIPAGE_SHARDS[1]))
 
 
-def write_sample(dest: str | Path, pages: int = 16, shards: int = 2, seed: int = 0, documents: bool = False) -> Path:
+def write_scans(path: str | Path, rotations: tuple[int, ...] = SCAN_ROTATIONS, seed: int = 0,
+                start: int = SCAN_START) -> Path:
+    """Write a Parquet shard of scanned-looking pages to ``path`` and return it.
+
+    Page k is sample page ``start + k`` turned by ``rotations[k]`` (``scanner.stored_as``: the
+    clockwise quarter turn that makes it upright again) and then scanned (``scanner.scan_page``:
+    tinted paper, 1-2 degree skew, blur, speckle, sometimes a dark border strip, JPEG quality 60).
+    Columns: ``id`` ("scan-0000", ...), ``image`` (an ``Image()`` feature), ``ground_truth`` (the
+    upright page's text) and ``rotation`` (int16, the turn back to upright). Same arguments,
+    same bytes.
+    """
+    import datasets
+
+    ids, images, truths = [], [], []
+    for k, rotation in enumerate(rotations):
+        page, truth = render_page(start + k, seed)
+        rng = random.Random(f"ocr_assets.sample.scan:{seed}:{start + k}")
+        ids.append(f"scan-{k:04d}")
+        images.append({"bytes": scan_page(stored_as(page, rotation), rng), "path": None})
+        truths.append(truth)
+    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
+                                  "ground_truth": datasets.Value("string"), "rotation": datasets.Value("int16")})
+    path = Path(path)
+    datasets.Dataset.from_dict({"id": ids, "image": images, "ground_truth": truths, "rotation": list(rotations)},
+                               features=features).to_parquet(str(path))
+    return path
+
+
+def write_sample(dest: str | Path, pages: int = 16, shards: int = 2, seed: int = 0, documents: bool = False,
+                 scans: bool = False) -> Path:
     """Write the sample dataset to `dest` with `datasets.Dataset.save_to_disk` and return the folder.
 
     Columns: `id` ("sample-0000", ...), `image` (a datasets `Image()` feature holding PNG or
     JPEG bytes) and `ground_truth`. With ``documents``, two more shards hold multi-page rows:
     ``documents-pdf`` (PDFs) and ``documents-multipage`` (lists of images); see
-    ``_write_documents``. The same arguments write identical bytes every time. The
+    ``_write_documents``. With ``scans``, ``scans.parquet`` holds scanned-looking pages, two
+    upright and the others turned 90, 180 or 270 degrees; see ``write_scans``. The same
+    arguments write identical bytes every time. The
     dataset is saved to a temporary folder beside `dest` and renamed into place, so a
     half-written folder is never taken for a finished one; an existing `dest` is replaced.
     """
@@ -472,6 +512,8 @@ def write_sample(dest: str | Path, pages: int = 16, shards: int = 2, seed: int =
         dataset.save_to_disk(str(tmp), num_shards=shards)
         if documents:
             _write_documents(tmp, seed)
+        if scans:
+            write_scans(tmp / SCANS_SHARD, seed=seed)
         if dest.exists():
             # Move the old folder aside first so `dest` is never a mix of old and new files.
             old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"

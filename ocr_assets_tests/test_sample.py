@@ -22,11 +22,17 @@ from ocr_assets.sample import (
     MULTIPAGE_SHARDS,
     PAGE_HEIGHT,
     PAGE_WIDTH,
+    SCAN_ROTATIONS,
+    SCAN_START,
+    SCANS_SHARD,
     TABLE_HEADERS,
     VOCABULARY,
     render_page,
     write_sample,
+    write_scans,
 )
+from ocr_assets.scanner import ROTATIONS, scan_page, stored_as
+from ocr_assets.upright import Turn, turn_page
 
 PAGES = 4
 
@@ -177,3 +183,73 @@ def test_multipage_rows_hold_two_pages_then_one(with_documents):
         for page in row["pages"]:
             with Image.open(io.BytesIO(page["bytes"])) as img:
                 assert img.size == (PAGE_WIDTH, PAGE_HEIGHT)
+
+
+@pytest.fixture(scope="module")
+def with_scans(tmp_path_factory):
+    return write_sample(tmp_path_factory.mktemp("scans") / "ds", pages=1, shards=1, scans=True)
+
+
+def _ink(page: Image.Image) -> np.ndarray:
+    """A small grey thumbnail of a page, centred, for comparing layouts whatever the tint and noise."""
+    grey = np.asarray(page.convert("L").resize((page.width // 15, page.height // 15), Image.Resampling.BOX), float)
+    return grey - grey.mean()
+
+
+def test_scans_shard_is_written_identically_beside_the_image_shards(with_scans, tmp_path):
+    assert sorted(p.name for p in with_scans.iterdir()) == sorted(
+        ["data-00000-of-00001.arrow", "dataset_info.json", "state.json", SCANS_SHARD])
+    again = write_scans(tmp_path / SCANS_SHARD)
+    assert (with_scans / SCANS_SHARD).read_bytes() == again.read_bytes()
+    features, rows = _documents(with_scans, SCANS_SHARD)
+    assert features["image"] == {"_type": "Image"}
+    assert [row["id"] for row in rows] == [f"scan-{k:04d}" for k in range(len(SCAN_ROTATIONS))]
+    assert [row["rotation"] for row in rows] == list(SCAN_ROTATIONS)
+    assert {0, 90, 180, 270} <= set(SCAN_ROTATIONS) and SCAN_ROTATIONS.count(0) >= 2
+
+
+def test_scans_carry_the_upright_pages_ground_truth(with_scans):
+    _, rows = _documents(with_scans, SCANS_SHARD)
+    for k, row in enumerate(rows):
+        assert row["ground_truth"] == render_page(SCAN_START + k)[1]
+        assert len(words(row["ground_truth"])) > 150
+
+
+def test_scanned_pages_are_turned_by_their_rotation(with_scans):
+    """Each stored page lies the way its rotation says: sizes swap at 90/270, and only the
+    recorded turn brings the ink back onto the clean page's layout."""
+    _, rows = _documents(with_scans, SCANS_SHARD)
+    for k, row in enumerate(rows):
+        clean = _ink(render_page(SCAN_START + k)[0])
+        with Image.open(io.BytesIO(row["image"]["bytes"])) as img:
+            assert img.format == "JPEG" and img.mode == "RGB"
+            stored = img.convert("RGB")
+        sideways = row["rotation"] in (90, 270)
+        assert stored.size == ((PAGE_HEIGHT, PAGE_WIDTH) if sideways else (PAGE_WIDTH, PAGE_HEIGHT))
+        fits = {}
+        for turn in ROTATIONS:
+            candidate = Image.fromarray(turn_page(np.asarray(stored), Turn(turn)))
+            if candidate.size == (PAGE_WIDTH, PAGE_HEIGHT):
+                ink = _ink(candidate)
+                fits[turn] = float((ink * clean).sum() / np.sqrt((ink * ink).sum() * (clean * clean).sum()))
+        right = fits.pop(row["rotation"])
+        assert right > 0.2 and all(other < right / 2 for other in fits.values()), (row["rotation"], right, fits)
+
+
+def test_scan_looks_like_a_scanner_and_is_deterministic():
+    import random
+
+    page = render_page(0)[0]
+    data = scan_page(page, random.Random("a"))
+    assert data == scan_page(page, random.Random("a")) and data != scan_page(page, random.Random("b"))
+    with Image.open(io.BytesIO(data)) as img:
+        scanned = np.asarray(img.convert("RGB"), dtype=float)
+    assert scanned.shape == (PAGE_HEIGHT, PAGE_WIDTH, 3)
+    clean = np.asarray(page, dtype=float)
+    paper = np.median(scanned[BODY_TOP:-BODY_TOP, :80].reshape(-1, 3), axis=0)  # margin, inside any border
+    assert paper.max() < 245 and paper[2] <= paper[0]  # grey or yellowish, never white or blue
+    assert np.abs(scanned.mean(axis=2) - clean.mean(axis=2)).mean() > 10
+    assert (np.asarray(stored_as(page, 90)).shape[:2]) == (PAGE_WIDTH, PAGE_HEIGHT)
+    assert turn_page(np.asarray(stored_as(page, 270)), Turn(270)).tobytes() == np.asarray(page).tobytes()
+    with pytest.raises(ValueError, match="rotation"):
+        stored_as(page, 45)
