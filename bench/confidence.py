@@ -122,8 +122,8 @@ def threshold_rows(pages: list[dict], thresholds: list[float]) -> list[tuple]:
     read = [p for p in pages if p["status"] in ("ok", "suspect")]  # empty / error pages are never ok
     rows = []
     for t in thresholds:
-        def ok(p):
-            return p["confidence"] is not None and p["confidence"] >= t
+        def ok(p):  # a page without a confidence is never suspect, as in documents
+            return p["confidence"] is None or p["confidence"] >= t
 
         wrong_ok = sum(p["f1"] < WRONG_F1 and ok(p) for p in read)
         good_suspect = sum(p["f1"] >= GOOD_F1 and not ok(p) for p in read)

@@ -23,6 +23,7 @@ from ocr_assets.stages.pages import extract_pages
 from ocr_assets.stages.recognition import run_recognition
 from ocr_assets.storage import ParquetStore, PartitionWriter
 from ocr_assets.timing import StageReport
+from ocr_assets.upright import Turn, turn_page
 from ocr_assets.versions import code_version
 
 progress = logging.getLogger("ocr_assets.progress")
@@ -176,7 +177,8 @@ def layout(
 
 def _first_page_regions(store: ParquetStore, key: str) -> tuple[str, list[dict]] | None:
     """The first page with ok regions and those regions, read from the layout file a batch at a time."""
-    columns = ["page_id", "task", "source", "x0", "y0", "x1", "y1", "status"]
+    columns = _columns(store, "layout", key, ["page_id", "task", "source", "x0", "y0", "x1", "y1", "status",
+                                              "rotation", "skew"])
     page_id, regions = None, []
     for batch in store.batches("layout", key, columns=columns):
         for row in batch.filter(pc.equal(batch.column("status"), "ok")).to_pylist():
@@ -199,7 +201,10 @@ def _layout_preview(context, store: ParquetStore, shard: Shard, pages_table: pa.
         (pixels,) = shard.read_pages([(where.column("row")[0].as_py(), where.column("page")[0].as_py())])
         if isinstance(pixels, Exception):
             raise pixels
-        picture = layout_picture(decode_page(pixels), [(r["x0"], r["y0"], r["x1"], r["y1"]) for r in regions],
+        # the boxes are in the upright page's pixels: the page is turned as layout turned it
+        page = turn_page(decode_page(pixels), Turn(int(regions[0].get("rotation") or 0),
+                                                   float(regions[0].get("skew") or 0.0)))
+        picture = layout_picture(page, [(r["x0"], r["y0"], r["x1"], r["y1"]) for r in regions],
                                  [r["task"] for r in regions], [r["source"] for r in regions])
         uri = store.write_file("layout_previews", context.partition_key, picture, ".jpg")
     except Exception as exc:  # a preview must never fail the stage
@@ -267,7 +272,7 @@ def recognition(context: dg.AssetExecutionContext, storage: StorageResource, rec
     _check("every_source_row", "documents", "One document per source row of the shard, each row once."),
     _check("page_error_rate", "documents", "Documents whose status is error, under OCR_ASSETS_MAX_PAGE_ERROR_RATE."),
     _check("suspect_page_rate", "documents", "Pages read with a confidence below OCR_ASSETS_MIN_PAGE_CONFIDENCE "
-           "(status suspect), under OCR_ASSETS_MAX_SUSPECT_PAGE_RATE."),
+           "(flag low_confidence), under OCR_ASSETS_MAX_SUSPECT_PAGE_RATE."),
 ])
 def documents(context: dg.AssetExecutionContext, dataset: DatasetResource, storage: StorageResource):
     """One row per source row: its pages' Markdown in order (a `<!-- page N -->` line between pages),
@@ -281,7 +286,7 @@ def documents(context: dg.AssetExecutionContext, dataset: DatasetResource, stora
             store.batches("recognition", key, columns=_columns(store, "recognition", key, RECOGNITION_COLUMNS)),
             report=StageReport(label=f"documents {key}"), sink=written.write,
         )
-    rows = store.read("documents", key, columns=["row", "status", "page_status"])
+    rows = store.read("documents", key, columns=["row", "status", "page_status", "page_flags"])
     first = _texts(store, "documents", key, "markdown", 1)
     return publish(
         context, written, report,

@@ -88,13 +88,15 @@ def documents_page_error_rate(documents: pa.Table) -> tuple[bool, dict]:
 
 
 def suspect_page_rate(documents: pa.Table) -> tuple[bool, dict]:
-    """Share of the shard's pages whose status in `documents` is ``suspect`` (read, with a confidence
-    below OCR_ASSETS_MIN_PAGE_CONFIDENCE), under OCR_ASSETS_MAX_SUSPECT_PAGE_RATE; reads ``page_status``."""
+    """Share of the shard's pages read with a confidence below OCR_ASSETS_MIN_PAGE_CONFIDENCE (flag
+    ``low_confidence``: status ``suspect``, or ``partial`` where a region also failed), under
+    OCR_ASSETS_MAX_SUSPECT_PAGE_RATE; reads ``page_flags``."""
     limit = _rate(config.ENV_MAX_SUSPECT_PAGE_RATE, config.DEFAULT_MAX_SUSPECT_PAGE_RATE)
-    statuses = pc.list_flatten(documents.column("page_status"))
-    suspect = pc.sum(pc.equal(statuses, "suspect")).as_py() or 0
-    rate = suspect / len(statuses) if len(statuses) else 0.0
-    return rate <= limit, {"suspect_page_rate": round(rate, 4), "suspect_pages": suspect, "pages": len(statuses),
+    flags = documents.column("page_flags").to_pylist()
+    pages = sum(len(row) for row in flags)
+    suspect = sum(config.FLAG_LOW_CONFIDENCE in (page or []) for row in flags for page in row)
+    rate = suspect / pages if pages else 0.0
+    return rate <= limit, {"suspect_page_rate": round(rate, 4), "suspect_pages": suspect, "pages": pages,
                            "max_suspect_page_rate": limit}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -153,6 +154,28 @@ def test_the_refusal_costs_no_attempt_and_a_bad_request_stays_an_error():
         server.server_close()
     # a request the server refuses with or without logprobs: an error, and logprobs still asked
     assert failed.status == "error" and "400" in failed.error and vlm.ask_logprobs is True
+
+
+class RefusesThenHangs(RefusesLogprobs):
+    """Rejects logprobs, then says nothing to the request without them (a server going down)."""
+
+    def chat(self, payload):
+        if "logprobs" not in payload:
+            time.sleep(1.0)
+        return super().chat(payload)
+
+
+def test_an_unanswered_probe_counts_as_an_attempt_and_the_read_ends():
+    server = RefusesThenHangs(answer=lambda image, prompt, max_tokens: ("words", 0.9)).start()
+    try:
+        vlm = OpenAIRecognizer(server.base_url, concurrency=1, max_attempts=2, timeout=0.3, backoff_base=0.01)
+        (result,) = vlm.recognize([_crop(CLEAN)])
+    finally:
+        server.shutdown()
+        server.server_close()
+    # each attempt: asked with logprobs (400), asked again without them (no answer in time)
+    assert result.status == "error" and "0.3 s" in result.error
+    assert vlm.run_metadata()["requests"] == 4 and vlm.ask_logprobs is True
 
 
 def _crops_table(images: list[np.ndarray]) -> pa.Table:
@@ -309,3 +332,11 @@ def test_documents_from_real_reads_make_the_suspect_page_rate_check_fail(recogni
     monkeypatch.setenv(config.ENV_MAX_SUSPECT_PAGE_RATE, "lots")
     with pytest.raises(ValueError, match="OCR_ASSETS_MAX_SUSPECT_PAGE_RATE"):
         checks.suspect_page_rate(docs)
+
+
+def test_a_partial_page_read_below_the_threshold_counts_against_the_check():
+    """A page read upside down where one region also failed is partial, not suspect: still counted."""
+    docs = pa.table({"page_status": [["partial", "ok"], ["ok"]],
+                     "page_flags": [[["low_confidence"], []], [["rotated"]]]})
+    passed, meta = checks.suspect_page_rate(docs)
+    assert not passed and meta["suspect_pages"] == 1 and meta["pages"] == 3

@@ -305,8 +305,8 @@ class PPDocLayoutV3Backend:
                     for i, page in zip(jpegs, self._prepare_jpegs_on_device([blobs[i] for i in jpegs])):
                         out[i] = page
         rest = [i for i, p in enumerate(out) if p is None]
-        # host pages keep their full-resolution BGR pixels: text recovery reads them in page
-        # pixels; they live as long as the batch (two batches: this one and the one prepared ahead)
+        # host pages keep their BGR pixels (full resolution, or a copy no smaller than the model
+        # input) for text recovery; they live as long as the batch (this one and the one ahead)
         if rest:
             for i, page in zip(rest, self._prepare_host([blobs[i] for i in rest])):
                 out[i] = page

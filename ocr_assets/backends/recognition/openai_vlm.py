@@ -285,15 +285,17 @@ class OpenAIRecognizer:
         body = json.dumps(self._request(crop, asked_logprobs)).encode()
         stats = self.stats
         reason = "no attempt"
-        probing = False  # this request is the one asked again without logprobs after a 400
+        probe = False  # the next request asks again without logprobs after a 400 (once; no attempt)
         attempt = -1
-        while attempt + 1 < self.max_attempts or probing:
+        while attempt + 1 < self.max_attempts or probe:
+            probing, probe = probe, False
             if not probing:
                 attempt += 1
-            if asked_logprobs and not self.ask_logprobs:  # another request found that the server refuses them
-                asked_logprobs, body = False, json.dumps(self._request(crop, False)).encode()
-            if attempt and not probing:
-                stats.retries += 1
+                if asked_logprobs != self.ask_logprobs:  # the probe went unanswered, or another request
+                    asked_logprobs = self.ask_logprobs  # found that the server refuses them
+                    body = json.dumps(self._request(crop, asked_logprobs)).encode()
+                if attempt:
+                    stats.retries += 1
             retry_after = None
             stats.requests += 1
             stats.in_flight += 1
@@ -302,13 +304,12 @@ class OpenAIRecognizer:
             try:
                 async with session.post(self._url, data=body) as response:
                     status, headers, content = response.status, response.headers, await response.read()
-                if status == 400 and asked_logprobs:  # the request, or only its logprobs? ask again to see
-                    probing, asked_logprobs = True, False
+                if status == 400 and asked_logprobs and not probing:  # the request, or only its logprobs? ask to see
+                    probe, asked_logprobs = True, False
                     body = json.dumps(self._request(crop, False)).encode()
                     reason = http_reason(status, content)
                     continue
                 if probing:
-                    probing = False
                     if status == 200 and self.ask_logprobs:  # answered without them: the server refuses them
                         stats.errors["logprobs_refused"] += 1
                         self.ask_logprobs = False
