@@ -202,8 +202,7 @@ def _layout_preview(context, store: ParquetStore, shard: Shard, pages_table: pa.
         if isinstance(pixels, Exception):
             raise pixels
         # the boxes are in the upright page's pixels: the page is turned as layout turned it
-        page = turn_page(decode_page(pixels), Turn(int(regions[0].get("rotation") or 0),
-                                                   float(regions[0].get("skew") or 0.0)))
+        page = turn_page(decode_page(pixels), Turn.recorded(regions[0].get("rotation"), regions[0].get("skew")))
         picture = layout_picture(page, [(r["x0"], r["y0"], r["x1"], r["y1"]) for r in regions],
                                  [r["task"] for r in regions], [r["source"] for r in regions])
         uri = store.write_file("layout_previews", context.partition_key, picture, ".jpg")

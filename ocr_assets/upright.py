@@ -39,6 +39,12 @@ class Turn:
         if self.rotation not in QUARTER_TURNS:
             raise ValueError(f"a page's rotation must be one of {QUARTER_TURNS}, not {self.rotation!r}")
 
+    @classmethod
+    def recorded(cls, rotation, skew) -> "Turn":
+        """The turn a layout row records (its ``rotation`` and ``skew``; null, or a column a file from
+        before them lacks, is none); ValueError for a rotation that is not a quarter turn."""
+        return cls(int(rotation or 0), float(skew or 0.0))
+
     @property
     def identity(self) -> bool:
         return self.rotation == 0 and self.skew == 0.0

@@ -17,3 +17,19 @@ def wheel_model(package: str, filename: str, instead: str, note: str = "") -> Pa
     if not path.is_file():
         raise RuntimeError(f"{name} ships no {filename} at {path}: reinstall {name}, or {instead}")
     return path
+
+
+def onnx_session(path: Path, threads: int | None = None, providers=None):
+    """An onnxruntime session for a shipped model: all graph optimisations, quiet, no spinning
+    threads (they starve the decode threads and other stages on a small CPU), ``threads`` intra-op
+    threads where given."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"]))

@@ -17,10 +17,9 @@ from typing import Sequence
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 
 from ocr_assets import config
-from ocr_assets.backends import wheel_model
+from ocr_assets.backends import onnx_session, wheel_model
 
 SHORT_SIDE, CROP = 256, 224
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -70,17 +69,8 @@ class OrientationClassifier:
 
     def __init__(self, threads: int | None = None, model_path: str | Path | None = None,
                  min_probability: float = MIN_TURN_PROBABILITY) -> None:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        # spinning worker threads starve the decode threads and other stages on a small CPU
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
         self.path = Path(model_path) if model_path else orientation_model_path()
-        self.session = ort.InferenceSession(str(self.path), sess_options=options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = onnx_session(self.path, threads)
         self.input_name = self.session.get_inputs()[0].name
         labels = self.session.get_modelmeta().custom_metadata_map.get("character", "").splitlines()
         if sorted(labels) != sorted(["0", "90", "180", "270"]):

