@@ -5,7 +5,10 @@ No Dagster import here: the stages, the CLI and the bench read the same values.
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
+from pathlib import Path
 
 ENV_DATASET = "OCR_ASSETS_DATASET"
 ENV_STORAGE = "OCR_ASSETS_STORAGE"
@@ -16,6 +19,11 @@ ENV_LAYOUT_MODEL = "OCR_ASSETS_LAYOUT_MODEL"
 ENV_DEVICE = "OCR_ASSETS_DEVICE"
 ENV_LAYOUT_BATCH_SIZE = "OCR_ASSETS_LAYOUT_BATCH_SIZE"
 ENV_LAYOUT_DTYPE = "OCR_ASSETS_LAYOUT_DTYPE"
+ENV_LAYOUT_GPU_MEMORY = "OCR_ASSETS_LAYOUT_GPU_MEMORY"
+ENV_LAYOUT_WORKER = "OCR_ASSETS_LAYOUT_WORKER"
+ENV_LAYOUT_WORKER_IDLE = "OCR_ASSETS_LAYOUT_WORKER_IDLE"
+ENV_RUN_DIR = "OCR_ASSETS_RUN_DIR"
+ENV_CACHE_DIR = "OCR_ASSETS_CACHE_DIR"
 ENV_RECOGNIZER = "OCR_ASSETS_RECOGNIZER"
 ENV_VLM_BASE_URL = "OCR_ASSETS_VLM_BASE_URL"
 ENV_VLM_MODEL = "OCR_ASSETS_VLM_MODEL"
@@ -37,6 +45,7 @@ DEFAULT_STORAGE = "./ocr_data"
 DEFAULT_MAX_PIXELS = 100_000_000  # a page over this is refused before decoding (600-dpi A3 is ~70 MP)
 DEFAULT_SAMPLE_DIR = "./ocr_sample"
 DEFAULT_PDF_DPI = 150
+DEFAULT_LAYOUT_WORKER_IDLE = 900  # seconds a layout worker waits for the next shard before it exits
 # the longest side of a rendered PDF page, whatever its DPI: an A0 poster at 150 dpi is 7022 px
 PDF_MAX_SIDE = 5000
 
@@ -184,3 +193,47 @@ def deskew_enabled() -> bool:
 def min_page_confidence() -> float:
     """Below this confidence a read page is `suspect`, not `ok` (OCR_ASSETS_MIN_PAGE_CONFIDENCE)."""
     return env_number(ENV_MIN_PAGE_CONFIDENCE, DEFAULT_MIN_PAGE_CONFIDENCE, float, low=0, high=1)
+
+
+def cache_dir() -> Path:
+    """Where measurements kept per machine live (OCR_ASSETS_CACHE_DIR; default ~/.cache/ocr_assets)."""
+    return Path(env(ENV_CACHE_DIR) or Path.home() / ".cache" / "ocr_assets").expanduser()
+
+
+def run_dir() -> Path:
+    """This host's GPU leases and layout workers' registrations (OCR_ASSETS_RUN_DIR): one folder per
+    host, shared by every process that runs layout on it (default: a folder under the temp dir)."""
+    default = Path(tempfile.gettempdir()) / f"ocr_assets-{os.getuid()}"
+    return Path(env(ENV_RUN_DIR) or default).expanduser()
+
+
+def layout_gpu_memory() -> float | None:
+    """The share of its GPU's memory the layout model may take (OCR_ASSETS_LAYOUT_GPU_MEMORY), or None:
+    the whole GPU. Set it below 1 where a vLLM server shares the GPU."""
+    value = env(ENV_LAYOUT_GPU_MEMORY)
+    if value is None:
+        return None
+    share = env_number(ENV_LAYOUT_GPU_MEMORY, 1.0, float, low=0.01, high=1.0)
+    return None if share >= 1.0 else share
+
+
+def layout_worker_mode() -> str:
+    """auto (a warm layout worker per GPU where layout runs on CUDA), on (also on the CPU) or off
+    (OCR_ASSETS_LAYOUT_WORKER)."""
+    value = (env(ENV_LAYOUT_WORKER) or "auto").lower()
+    if value not in ("auto", "on", "off"):
+        raise ValueError(f"{ENV_LAYOUT_WORKER}={value!r} must be auto, on or off")
+    return value
+
+
+def parse_json_object(name: str, value: str | None) -> dict:
+    """A JSON object setting (``name`` for the message); unset is an empty object."""
+    if not value:
+        return {}
+    try:
+        table = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name} is not valid JSON ({exc}): give an object like {{\"table\": 0.5}}") from exc
+    if not isinstance(table, dict):
+        raise ValueError(f"{name} must be a JSON object, not {type(table).__name__}")
+    return table

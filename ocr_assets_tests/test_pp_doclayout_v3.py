@@ -41,6 +41,12 @@ def checkpoint(tmp_path_factory) -> str:
     return str(write_random_checkpoint(tmp_path_factory.mktemp("pp_doclayout_v3")))
 
 
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    """A dtype measured at load is cached in a temporary folder, never in the user's."""
+    monkeypatch.setenv(config.ENV_CACHE_DIR, str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="module")
 def backend(checkpoint) -> PPDocLayoutV3Backend:
     return PPDocLayoutV3Backend(checkpoint, device="cpu", dtype="float32")
@@ -299,12 +305,51 @@ def test_configuration_errors_name_the_setting(tmp_path, monkeypatch):
         create_layout_backend("pp-doclayout-v3", model=str(tmp_path), device="tpu")
 
 
-def test_cpu_default_dtype_and_batch(checkpoint):
-    from ocr_assets.backends.layout.pp_doclayout_v3 import cpu_has_bf16
+def test_cpu_default_dtype_and_batch(checkpoint, tmp_path, monkeypatch):
+    """On this CPU, ``auto`` is fp32 without bf16 instructions; with them, the faster of the two as
+    measured here at load (the measurement itself: test_precision.py)."""
+    from ocr_assets.backends.layout import precision
 
+    monkeypatch.setenv(config.ENV_CACHE_DIR, str(tmp_path))
     auto = PPDocLayoutV3Backend(checkpoint, device="cpu")
     assert auto.batch_size == 1
-    assert auto.info["dtype"] == ("bfloat16" if cpu_has_bf16() else "float32")
+    cache = tmp_path / precision.CACHE_FILE
+    if precision.cpu_has_bf16():
+        (entry,) = json.loads(cache.read_text()).values()
+        assert auto.dtype is precision.faster_dtype(entry["fp32_seconds"], entry["bf16_seconds"])
+        assert auto.info["dtype"] == entry["dtype"] and auto.info["dtype_reason"].startswith("measured: ")
+    else:
+        assert auto.info["dtype"] == "float32" and auto.info["dtype_reason"] == "no bf16 instructions"
+        assert not cache.exists()
+
+
+def test_gpu_memory_share_and_batch(checkpoint):
+    from ocr_assets.backends.layout.pp_doclayout_v3 import default_batch_size
+
+    assert default_batch_size(torch.device("cuda"), shared=False) == 32
+    assert default_batch_size(torch.device("cuda"), shared=True) == 8  # leaves a shared vLLM room to decode
+    assert default_batch_size(torch.device("cpu"), shared=True) == default_batch_size(torch.device("cpu")) == 1
+    # ignored on the CPU, but a share that is no share is refused, naming the setting
+    cpu = PPDocLayoutV3Backend(checkpoint, device="cpu", dtype="float32", gpu_memory=0.3)
+    assert cpu.batch_size == 1 and "gpu_memory" not in cpu.info
+    for bad in (0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match=config.ENV_LAYOUT_GPU_MEMORY):
+            PPDocLayoutV3Backend(checkpoint, device="cpu", gpu_memory=bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_memory_share_caps_the_process(checkpoint, page_bytes):
+    gpu = PPDocLayoutV3Backend(checkpoint, device="cuda", gpu_memory=0.25)
+    try:
+        assert gpu.batch_size == 8 and gpu.info["gpu_memory"] == 0.25
+        assert gpu.info["dtype_reason"] in ("GPU with bf16", "GPU without bf16: fp16, a batch with non-finite "
+                                            "outputs rerun in fp32")
+        assert gpu.detect(gpu.prepare([page_bytes["png"]]))[0]
+        free, total = torch.cuda.mem_get_info(gpu.device)
+        with pytest.raises(torch.OutOfMemoryError):  # more than a quarter of the GPU is refused
+            torch.empty(int(total * 0.3), dtype=torch.uint8, device=gpu.device)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, gpu.device.index or 0)
 
 
 def test_layout_asset_with_pp_doclayout_v3(checkpoint, small_dataset, tmp_path):
@@ -340,7 +385,8 @@ def test_cli_runs_layout_with_the_model_from_the_environment(checkpoint, small_d
 
     done = _run(["run", "--select", "pages,layout", "--partition", "data-00000-of-00002"], tmp_path,
                 OCR_ASSETS_DATASET=small_dataset, OCR_ASSETS_LAYOUT_MODEL=checkpoint,
-                OCR_ASSETS_DEVICE="cpu", DAGSTER_HOME=str(tmp_path / "home"))
+                OCR_ASSETS_DEVICE="cpu", DAGSTER_HOME=str(tmp_path / "home"),
+                OCR_ASSETS_CACHE_DIR=str(tmp_path / "cache"))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "ocr_data" / "layout" / "data-00000-of-00002.parquet").exists()
     missing = _run(["run", "--select", "pages,layout", "--partition", "data-00000-of-00002"], tmp_path,

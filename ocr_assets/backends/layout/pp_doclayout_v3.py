@@ -3,9 +3,11 @@
 The transformers image processor only resizes to 800×800 (bicubic, no antialiasing) and divides
 by 255 (mean 0, std 1), so it is skipped: each page is decoded once (JPEG with nvJPEG on CUDA,
 batched; every other format, and everything on the CPU, with cv2), resized (on the device
-where there is one), stacked into one batch and divided by 255 there. The model runs under
-bf16/fp16 autocast on a GPU and bf16 autocast on a CPU that has bf16 instructions, fp32
-elsewhere. Post-processing is in ``pp_postprocess``.
+where there is one), stacked into one batch and divided by 255 there. The precision comes from
+``precision``: bf16 autocast on a GPU (fp16 where bf16 is missing, a batch with non-finite
+outputs run again in fp32), and on a CPU bf16 only where it was measured faster than fp32 on
+that machine, else fp32. On a GPU shared with a VLM server the model keeps to its share of the
+GPU's memory and runs small batches. Post-processing is in ``pp_postprocess``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 
 from ocr_assets import config
-from ocr_assets.backends.layout import pp_postprocess as post
+from ocr_assets.backends.layout import pp_postprocess as post, precision
+from ocr_assets.backends.layout.precision import DTYPES, cpu_has_bf16, resolve_dtype  # noqa: F401 (their old home)
 from ocr_assets.backends.layout.base import Detection, Pixels, PreparedPage, ensure_prepared, prepare_with
 from ocr_assets.image_header import read_header, read_orientation
 from ocr_assets.imaging import check_pixels
@@ -31,7 +33,6 @@ from ocr_assets.timing import StageReport
 from ocr_assets.upright import NO_TURN, PageTurner, small_factor, turn_page_tensor
 
 INPUT_SIZE = (800, 800)  # (height, width) the processor resizes to, unless the checkpoint says otherwise
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
@@ -56,32 +57,25 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU runs bf16 matrix work natively (AVX512-BF16 or AMX), so autocast pays off."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """``auto`` → bf16 on GPUs that have it (else fp16), bf16 on CPUs with bf16 instructions, else fp32."""
-    name = (dtype or "auto").strip().lower()
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"{config.ENV_LAYOUT_DTYPE}={dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    if device.type == "cpu" and DTYPES[name] is torch.float16:
-        raise ValueError(f"{config.ENV_LAYOUT_DTYPE}=float16 is for GPUs; on the CPU use bfloat16 or float32")
-    return DTYPES[name]
-
-
-def default_batch_size(device: torch.device) -> int:
+def default_batch_size(device: torch.device, *, shared: bool = False) -> int:
     """Pages per forward pass: 1 on the CPU (bench/layout.py --batch-sizes: batch 2 and 4 cost more
-    per page), 32 on a GPU (not measured here)."""
-    return 32 if device.type == "cuda" else 1
+    per page); 32 on a GPU of its own, 8 on a GPU shared with a VLM server, whose decoding a long
+    layout batch would stall."""
+    return (8 if shared else 32) if device.type == "cuda" else 1
+
+
+def _gpu_memory_share(share: float | None, device: torch.device) -> float | None:
+    """The share of the GPU's memory the model may use, set as this process's cap on CUDA; None where
+    the whole GPU is the model's (or on the CPU, where it means nothing)."""
+    if share is None or share >= 1:
+        return None
+    if not 0 < share < 1:
+        raise ValueError(f"{config.ENV_LAYOUT_GPU_MEMORY}={share!r} must be a share of the GPU between 0 and 1")
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(float(share), index)
+    return float(share)
 
 
 def _not_found(model: str, exc: Exception) -> ValueError:
@@ -151,17 +145,23 @@ class PPDocLayoutV3Backend:
         keep_polygons: bool = False,
         label_tasks: dict[str, str] | None = None,
         turner: PageTurner | None = None,
+        gpu_memory: float | None = None,
     ) -> None:
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        precision.resolve_dtype(dtype, self.device)  # a bad setting fails before the model loads
+        self.gpu_memory = _gpu_memory_share(gpu_memory, self.device)
         if threads and self.device.type == "cpu":
             torch.set_num_threads(int(threads))
         # channels-last convolutions: measured 1.9x with bf16 on a 2-core CPU (1.7x from bf16 alone)
         self.model = load_model(model).to(self.device, memory_format=torch.channels_last)
         self.labels = [self.model.config.id2label[i] for i in range(len(self.model.config.id2label))]
         self.label_tasks = dict(config.PP_DOCLAYOUT_V3_LABEL_TASKS if label_tasks is None else label_tasks)
-        self.batch_size = max(1, int(batch_size or default_batch_size(self.device)))
+        shared = self.gpu_memory is not None
+        self.batch_size = max(1, int(batch_size or default_batch_size(self.device, shared=shared)))
         self.input_size = checkpoint_input_size(model)
+        choice = precision.choose_dtype(dtype, self.device, self.model, batch_size=self.batch_size,
+                                        input_size=self.input_size)
+        self.dtype = choice.dtype
         self.keep_polygons = bool(keep_polygons)
         self.settings = post.PostprocessSettings(
             threshold=0.3 if conf_threshold is None else float(conf_threshold),
@@ -189,6 +189,8 @@ class PPDocLayoutV3Backend:
         self.info = {
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype_reason": choice.reason,
+            **({"gpu_memory": self.gpu_memory} if shared else {}),
             "model": model,
             **self.turner.info,
         }
@@ -337,9 +339,7 @@ class PPDocLayoutV3Backend:
         return batch.float().div_(255.0).contiguous(memory_format=torch.channels_last)
 
     def _autocast(self):
-        if self.dtype is torch.float32:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return precision.autocast(self.dtype, self.device)
 
     def detect(
         self, pages: Sequence[PreparedPage | np.ndarray], report: StageReport | None = None
@@ -351,8 +351,8 @@ class PPDocLayoutV3Backend:
             return []
         with report.part("preprocess"):
             pixels = self._batch_tensor(prepared)
-        with report.part("inference"), torch.inference_mode(), self._autocast():
-            outputs = self.model(pixel_values=pixels)
+        with report.part("inference"), torch.inference_mode():
+            outputs = precision.checked_forward(self.model, pixels, self.dtype, report)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # so the time lands in inference, not postprocess
         with report.part("postprocess"), torch.inference_mode():
