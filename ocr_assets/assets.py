@@ -9,16 +9,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ocr_assets import checks
+from ocr_assets.gpu_lease import gpu_count_if_loaded
 from ocr_assets.imaging import decode_page
+from ocr_assets.layout_runner import LayoutJob, LayoutOutcome, run_partition
 from ocr_assets.preview import layout_picture, markdown_excerpt, markdown_image
 from ocr_assets.partitions import shards_partitions
 from ocr_assets.recognition_cache import RecognitionCache
 from ocr_assets.resources import DatasetResource, LayoutResource, RecognizerResource, StorageResource
-from ocr_assets.schemas import CROPS, DOCUMENTS, PAGES, RECOGNITION, layout_schema
+from ocr_assets.schemas import CROPS, DOCUMENTS, PAGES, RECOGNITION
 from ocr_assets.sources import Shard
 from ocr_assets.stages.crops import make_crops
 from ocr_assets.stages.documents import LAYOUT_COLUMNS, RECOGNITION_COLUMNS, assemble_documents
-from ocr_assets.stages.layout import run_layout
 from ocr_assets.stages.pages import extract_pages
 from ocr_assets.stages.recognition import run_recognition
 from ocr_assets.storage import ParquetStore, PartitionWriter
@@ -41,7 +42,7 @@ CROP_LAYOUT_COLUMNS = ["page_id", "region", "task", "x0", "y0", "x1", "y1", "rot
 
 def publish(
     context: dg.AssetExecutionContext,
-    written: PartitionWriter,
+    written: PartitionWriter | LayoutOutcome,
     report: StageReport,
     model_load_seconds: float | None = None,
     checks: dict[str, tuple[bool, dict]] | None = None,
@@ -104,6 +105,7 @@ COMMON = dict(
     partitions_def=shards_partitions, group_name=GROUP, owners=OWNERS,
     backfill_policy=dg.BackfillPolicy.multi_run(1),
 )
+GPU_POOL = "gpu"
 GPU_LIMIT = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
 
 
@@ -143,7 +145,7 @@ def pages(
 
 
 @dg.asset(**COMMON, kinds={"parquet", "pytorch", "onnx"}, code_version=code_version("layout"), deps=[pages],
-          pool="gpu", op_tags=GPU_LIMIT, check_specs=[
+          pool=GPU_POOL, op_tags=GPU_LIMIT, check_specs=[
     _check("page_error_rate", "layout", "Pages without a layout (failed in pages or layout), under "
            "OCR_ASSETS_MAX_PAGE_ERROR_RATE (blocks crops, recognition and documents).", True),
 ])
@@ -156,23 +158,42 @@ def layout(
     """One row per region: label, task, score and box in page pixels, in reading order.
 
     Ink that no layout box covers is recovered as extra text regions, so no text is lost.
-    Runs in the `gpu` concurrency pool; its metadata shows one page with its boxes drawn.
+    Runs in the `gpu` concurrency pool, on a GPU no other layout step holds, in the host's warm
+    layout worker for that GPU (``layout_runner``); its metadata shows one page with its boxes drawn.
     """
     store, key = storage.store(), context.partition_key
+    job = LayoutJob.with_environment(dataset=dataset.location(), storage=storage.root, partition=key,
+                                     settings=layout_model.settings(), image_column=dataset.image_column,
+                                     id_column=dataset.id_column)
+    outcome = run_partition(job, StageReport(label=f"layout {key}"))
+    raise_gpu_pool_limit(context)
     pages_table = store.read("pages", key, columns=["page_id", "row", "page", "status"])
-    backend, load_seconds = layout_model.load()
     shard = dataset.open(key)
     try:
-        with store.writer("layout", key, layout_schema(backend.keep_polygons)) as written:
-            _, report = run_layout(pages_table, shard, backend, recover_text=layout_model.recover_text,
-                                   report=StageReport(label=f"layout {key}"), sink=written.write)
         preview = _layout_preview(context, store, shard, pages_table)
     finally:
         shard.close()
     regions = store.read("layout", key, columns=["page_id", "region", "status"])
-    return publish(context, written, report, model_load_seconds=load_seconds,
+    return publish(context, outcome, outcome.report, model_load_seconds=outcome.report.info.pop("model_load_seconds"),
                    checks={"page_error_rate": checks.layout_page_error_rate(pages_table, regions)},
                    extra=preview)
+
+
+def raise_gpu_pool_limit(context: dg.AssetExecutionContext) -> None:
+    """Raise the `gpu` pool's limit to the number of GPUs this step sees (never lower it), so every
+    GPU gets a layout step without anyone setting the pool by hand."""
+    count = gpu_count_if_loaded()
+    if count < 2:
+        return
+    storage = context.instance.event_log_storage
+    try:
+        info = storage.get_concurrency_info(GPU_POOL)
+        if info.slot_count < count:
+            storage.set_concurrency_slots(GPU_POOL, count)
+            context.log.info(f"concurrency pool {GPU_POOL!r}: limit raised from {info.slot_count} to {count}, "
+                             f"one layout step per GPU")
+    except Exception as exc:  # an instance without pools: the lease still keeps one step per GPU
+        context.log.warning(f"could not set the {GPU_POOL!r} pool's limit to {count}: {exc}")
 
 
 def _first_page_regions(store: ParquetStore, key: str) -> tuple[str, list[dict]] | None:

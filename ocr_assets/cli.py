@@ -44,7 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     prune.add_argument("--partition", action="append", default=[], metavar="KEY",
                        help="a shard key whose cache to prune; repeat for several (default: every cached shard)")
 
+    workers = sub.add_parser("layout-workers", help="list, start or stop this host's layout workers (one per GPU)")
+    action = workers.add_mutually_exclusive_group()
+    action.add_argument("--start", action="store_true",
+                        help="start a warm worker on every GPU (the CPU where there is none) with the current settings")
+    action.add_argument("--stop", action="store_true", help="stop every worker after its current shard")
+
     args = parser.parse_args(argv)
+    if args.command == "layout-workers":
+        return layout_workers(start=args.start, stop=args.stop)
     if args.command == "prune-cache":
         return prune_cache(args.partition)
     if args.command == "serve":
@@ -63,6 +71,50 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.pages} sample pages in {args.shards} shards{more} to {path}")
         return 0
     return run_pipeline(args.partition, [s.strip() for s in args.select.split(",") if s.strip()])
+
+
+def layout_workers(start: bool = False, stop: bool = False) -> int:
+    """Print this host's layout workers; with ``start``/``stop``, start or stop them first."""
+    from ocr_assets import config, layout_worker
+    from ocr_assets.gpu_lease import cuda_count, physical_ids
+    from ocr_assets.layout_runner import CPU_SLOT
+
+    if stop:
+        for info in layout_worker.workers():
+            layout_worker.stop_worker(info["slot"])
+            print(f"stopped the layout worker for {info['slot']} (pid {info['pid']})")
+    if start:
+        from ocr_assets.resources import resources_from_env
+
+        settings = resources_from_env()["layout_model"].process_config_and_initialize().settings()
+        count = cuda_count()
+        slots = [(f"gpu-{gid}", f"cuda:{i}") for i, gid in enumerate(physical_ids(count))] or [(CPU_SLOT, "cpu")]
+        for slot, device in slots:
+            if layout_worker.find_worker(slot) is None:
+                info = layout_worker.start_worker(slot, device, settings)
+                print(f"started the layout worker for {slot} on {device} (pid {info['pid']}, load "
+                      f"{info['load_seconds']:.2f} s, warm-up {info['warmup_seconds']:.2f} s)")
+    found = layout_worker.workers()
+    if any(info["slot"] == CPU_SLOT for info in found) and config.layout_worker_mode() != "on":
+        print(f"(steps use the CPU worker only with {config.ENV_LAYOUT_WORKER}=on)")
+    if not found:
+        print(f"no layout workers on this host (folder {layout_worker.registration('x').parent})")
+    for info in found:
+        health = info["health"]
+        print(f"{info['slot']}: pid {info['pid']} on {info['device']}, port {info['port']}, "
+              f"{'busy' if health['busy'] else 'idle ' + str(health['idle_seconds']) + ' s'}, {health['jobs']} shard(s)")
+    return 0
+
+
+def _mention_workers() -> None:
+    """Say which layout workers this run left warm (they exit by themselves when idle)."""
+    from ocr_assets import config, layout_worker
+
+    found = layout_worker.workers()
+    if found:
+        idle = config.env(config.ENV_LAYOUT_WORKER_IDLE) or config.DEFAULT_LAYOUT_WORKER_IDLE
+        print(f"layout workers stay warm for the next run on {', '.join(i['slot'] for i in found)} "
+              f"(they exit after {idle} s idle; `ocr-assets layout-workers --stop` stops them now)")
 
 
 def _instance_home() -> Path:
@@ -150,6 +202,7 @@ def run_pipeline(partitions: list[str], select: list[str]) -> int:
                     message = error.message.strip() if error else "unknown error"
                     print(f"  FAILED {failure.step_key}: {message}", file=sys.stderr)
         _print_summary(summary, time.perf_counter() - start)
+    _mention_workers()
     if failed:
         print(f"{len(failed)} partition(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -8,38 +8,24 @@ reports it as ``model_load_seconds``; later ones reuse the loaded model.
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
 from ocr_assets import config
+from ocr_assets.backends import load_once
 from ocr_assets.backends.layout import (
-    LAYOUT_BACKENDS, LayoutBackend, create_layout_backend, resolve_layout_backend,
+    LAYOUT_BACKENDS, SETTINGS, LayoutBackend, load_layout_backend, parse_label_tasks, resolve_layout_backend,
 )
 from ocr_assets.backends.recognition import RECOGNIZERS, Recognizer, create_recognizer, resolve_recognizer
 from ocr_assets.sources import Shard, ShardRef, list_shards, open_shard, source_row_count
 from ocr_assets.storage import ParquetStore
 
-_models: dict[tuple, Any] = {}
 _managed_servers: list = []  # vLLM servers started by this process's recognition step
-_models_lock = threading.Lock()
-
-
-def _load_once(key: tuple, load: Callable[[], Any]) -> tuple[Any, float]:
-    """The model for ``key``, loaded on first use in this process; returns (model, seconds spent loading now)."""
-    with _models_lock:
-        if key in _models:
-            return _models[key], 0.0
-        start = time.perf_counter()
-        model = load()
-        _models[key] = model
-        return model, time.perf_counter() - start
 
 
 class DatasetResource(dg.ConfigurableResource):
@@ -125,8 +111,9 @@ class LayoutResource(dg.ConfigurableResource):
         if name not in LAYOUT_BACKENDS:
             raise ValueError(f"{config.ENV_LAYOUT_BACKEND}={name!r} is not a layout backend; choose one of "
                              f"{', '.join(LAYOUT_BACKENDS)}")
-        _parse_label_tasks(self.label_tasks)
+        parse_label_tasks(self.label_tasks)
         config.orientation_enabled(), config.deskew_enabled()  # a bad on/off value names its variable
+        config.layout_worker_mode(), config.layout_gpu_memory()
         if name == "pp-doclayout-v3":
             from ocr_assets.backends.layout.pp_doclayout_v3 import resolve_device, resolve_dtype
 
@@ -137,53 +124,13 @@ class LayoutResource(dg.ConfigurableResource):
                 raise ValueError(f"{config.ENV_LAYOUT_MODEL}={self.model!r}: no config.json in that folder")
             resolve_dtype(self.dtype, resolve_device(self.device))
 
+    def settings(self) -> dict:
+        """The layout settings (``backends.layout.SETTINGS``): what the stage, here or in a worker, runs with."""
+        return {name: getattr(self, name) for name in SETTINGS}
+
     def load(self) -> tuple[LayoutBackend, float]:
         """The layout backend, loaded once per process; returns (backend, seconds spent loading now)."""
-        name = self.backend_name()
-        overrides = _parse_label_tasks(self.label_tasks)
-        options = {}
-        if name == "pp-doclayout-v3":
-            options = {
-                "device": self.device, "dtype": self.dtype, "decode_threads": self.decode_threads or None,
-                "threshold_by_label": _parse_json_object("threshold_by_label", self.threshold_by_label),
-                "merge_modes": _parse_json_object("merge_modes", self.merge_modes),
-                "keep_polygons": self.keep_polygons,
-            }
-        # the backend reads OCR_ASSETS_ORIENTATION / OCR_ASSETS_DESKEW when built: a change loads anew
-        key = ("layout", name, self.model, self.threads, self.batch_size, self.conf_threshold,
-               json.dumps(overrides, sort_keys=True), json.dumps(options, sort_keys=True),
-               config.orientation_enabled(), config.deskew_enabled())
-
-        def load() -> LayoutBackend:
-            backend = create_layout_backend(
-                name, model=self.model, threads=self.threads or None,
-                batch_size=self.batch_size or None, conf_threshold=self.conf_threshold, **options,
-            )
-            backend.label_tasks = {**backend.label_tasks, **overrides}
-            return backend
-
-        return _load_once(key, load)
-
-
-def _parse_json_object(name: str, value: str | None) -> dict:
-    if not value:
-        return {}
-    try:
-        table = json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{name} is not valid JSON ({exc}): give an object like {{\"table\": 0.5}}") from exc
-    if not isinstance(table, dict):
-        raise ValueError(f"{name} must be a JSON object, not {type(table).__name__}")
-    return table
-
-
-def _parse_label_tasks(value: str | None) -> dict[str, str]:
-    table = _parse_json_object("label_tasks", value)
-    allowed = set(config.TASKS) | {config.ABANDON}
-    bad = {k: v for k, v in table.items() if v not in allowed}
-    if bad:
-        raise ValueError(f"label_tasks maps to unknown tasks {bad}; tasks are {sorted(allowed)}")
-    return table
+        return load_layout_backend(self.settings())
 
 
 class RecognizerResource(dg.ConfigurableResource):
@@ -256,7 +203,7 @@ class RecognizerResource(dg.ConfigurableResource):
         if name == "openai":
             options = self._vlm_options(base_url)
         key = ("recognizer", name, self.threads, json.dumps(options, sort_keys=True, default=str))
-        return _load_once(key, lambda: create_recognizer(name, threads=self.threads or None, **options))
+        return load_once(key, lambda: create_recognizer(name, threads=self.threads or None, **options))
 
     def for_cache_keys(self) -> Recognizer:
         """The configured recognizer, to compute cache keys only: no server is probed or started."""
@@ -271,8 +218,8 @@ class RecognizerResource(dg.ConfigurableResource):
             "base_url": base_url, "model": self.vlm_model, "api_key": self.vlm_api_key,
             "concurrency": self.vlm_concurrency, "timeout": self.vlm_timeout,
             "max_attempts": self.vlm_max_attempts, "verify_tls": self.vlm_verify_tls, "logprobs": self.vlm_logprobs,
-            "prompts": _parse_json_object("vlm_prompts", self.vlm_prompts),
-            "max_tokens": _parse_json_object("vlm_max_tokens", self.vlm_max_tokens),
+            "prompts": config.parse_json_object("vlm_prompts", self.vlm_prompts),
+            "max_tokens": config.parse_json_object("vlm_max_tokens", self.vlm_max_tokens),
         }
 
     def _start_vllm(self) -> str:

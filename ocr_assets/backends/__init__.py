@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import threading
+import time
 from pathlib import Path
+from typing import Callable
 
 
 def wheel_model(package: str, filename: str, instead: str, note: str = "") -> Path:
@@ -33,3 +36,21 @@ def onnx_session(path: Path, threads: int | None = None, providers=None):
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"]))
+
+
+_loaded: dict[tuple, object] = {}
+_loaded_lock = threading.Lock()
+
+
+def load_once(key: tuple, load: Callable[[], object]) -> tuple[object, float]:
+    """The model for ``key``, loaded on first use in this process; returns (model, seconds spent loading now).
+
+    A process that runs many partitions (a layout worker, ``ocr-assets run``) loads each model once.
+    """
+    with _loaded_lock:
+        if key in _loaded:
+            return _loaded[key], 0.0
+        start = time.perf_counter()
+        model = load()
+        _loaded[key] = model
+        return model, time.perf_counter() - start

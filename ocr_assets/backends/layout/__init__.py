@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
+from ocr_assets import config
+from ocr_assets.backends import load_once
 from ocr_assets.backends.layout.base import Detection, LayoutBackend
 from ocr_assets.config import ENV_LAYOUT_BACKEND
 
 LAYOUT_BACKENDS = ("picodet-cdla", "pp-doclayout-v3")
+# the layout settings (the `layout_model` resource's fields): what a layout worker is sent with each shard
+SETTINGS = ("backend", "model", "device", "dtype", "threads", "decode_threads", "batch_size", "conf_threshold",
+            "threshold_by_label", "merge_modes", "keep_polygons", "recover_text", "label_tasks")
 
-__all__ = ["Detection", "LayoutBackend", "LAYOUT_BACKENDS", "create_layout_backend", "resolve_layout_backend"]
+__all__ = ["Detection", "LayoutBackend", "LAYOUT_BACKENDS", "SETTINGS", "create_layout_backend",
+           "load_layout_backend", "parse_label_tasks", "resolve_layout_backend"]
 
 
 def resolve_layout_backend(backend: str | None, model: str | None) -> str:
@@ -49,3 +57,46 @@ def create_layout_backend(
     raise ValueError(
         f"{ENV_LAYOUT_BACKEND}={name!r} is not a layout backend; choose one of {', '.join(LAYOUT_BACKENDS)}."
     )
+
+
+def parse_label_tasks(value: str | None) -> dict[str, str]:
+    table = config.parse_json_object("label_tasks", value)
+    allowed = set(config.TASKS) | {config.ABANDON}
+    bad = {k: v for k, v in table.items() if v not in allowed}
+    if bad:
+        raise ValueError(f"label_tasks maps to unknown tasks {bad}; tasks are {sorted(allowed)}")
+    return table
+
+
+def load_layout_backend(settings: dict, device: str | None = None) -> tuple[LayoutBackend, float]:
+    """The backend the layout ``settings`` (SETTINGS) describe, loaded once per process; returns
+    (backend, seconds spent loading now). ``device`` (a leased ``cuda:N``) replaces the device setting.
+
+    The orientation/deskew switches and the GPU memory share are read from the environment here:
+    a change of them loads anew.
+    """
+    name = resolve_layout_backend(settings.get("backend"), settings.get("model"))
+    overrides = parse_label_tasks(settings.get("label_tasks"))
+    options: dict = {}
+    if name == "pp-doclayout-v3":
+        options = {
+            "device": device or settings.get("device") or "auto", "dtype": settings.get("dtype") or "auto",
+            "decode_threads": settings.get("decode_threads") or None,
+            "threshold_by_label": config.parse_json_object("threshold_by_label", settings.get("threshold_by_label")),
+            "merge_modes": config.parse_json_object("merge_modes", settings.get("merge_modes")),
+            "keep_polygons": bool(settings.get("keep_polygons")),
+            "gpu_memory": config.layout_gpu_memory(),
+        }
+    key = ("layout", name, settings.get("model"), settings.get("threads"), settings.get("batch_size"),
+           settings.get("conf_threshold"), json.dumps(overrides, sort_keys=True), json.dumps(options, sort_keys=True),
+           config.orientation_enabled(), config.deskew_enabled())
+
+    def load() -> LayoutBackend:
+        backend = create_layout_backend(
+            name, model=settings.get("model"), threads=settings.get("threads") or None,
+            batch_size=settings.get("batch_size") or None, conf_threshold=settings.get("conf_threshold"), **options,
+        )
+        backend.label_tasks = {**backend.label_tasks, **overrides}
+        return backend
+
+    return load_once(key, load)
