@@ -52,8 +52,7 @@ def worker_startup(blobs: list[bytes], device: str, checkpoint: str) -> list[dic
                     extract_pages(shard, sink=written.write)
             finally:
                 shard.close()
-            job = LayoutJob.with_environment(dataset=str(dataset), storage=storage, partition=ref.key,
-                                             settings=settings)
+            job = LayoutJob.for_step(dataset=str(dataset), storage=storage, partition=ref.key, settings=settings)
             outcome = run_partition(job, StageReport())
             rows.append({**outcome.report.info, "stage_seconds": outcome.report.stage_seconds,
                          "pages": outcome.report.pages})

@@ -9,9 +9,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ocr_assets import checks
-from ocr_assets.gpu_lease import gpu_count_if_loaded
 from ocr_assets.imaging import decode_page
-from ocr_assets.layout_runner import LayoutJob, LayoutOutcome, run_partition
+from ocr_assets.layout_runner import LayoutJob, LayoutOutcome, gpu_count, run_partition
 from ocr_assets.preview import layout_picture, markdown_excerpt, markdown_image
 from ocr_assets.partitions import shards_partitions
 from ocr_assets.recognition_cache import RecognitionCache
@@ -162,11 +161,12 @@ def layout(
     layout worker for that GPU (``layout_runner``); its metadata shows one page with its boxes drawn.
     """
     store, key = storage.store(), context.partition_key
-    job = LayoutJob.with_environment(dataset=dataset.location(), storage=storage.root, partition=key,
-                                     settings=layout_model.settings(), image_column=dataset.image_column,
-                                     id_column=dataset.id_column)
+    job = LayoutJob.for_step(dataset=dataset.location(), storage=storage.root, partition=key,
+                             settings=layout_model.settings(), image_column=dataset.image_column,
+                             id_column=dataset.id_column)
     outcome = run_partition(job, StageReport(label=f"layout {key}"))
-    raise_gpu_pool_limit(context)
+    if outcome.report.info.get("gpu") != "cpu":
+        raise_gpu_pool_limit(context)
     pages_table = store.read("pages", key, columns=["page_id", "row", "page", "status"])
     shard = dataset.open(key)
     try:
@@ -182,7 +182,7 @@ def layout(
 def raise_gpu_pool_limit(context: dg.AssetExecutionContext) -> None:
     """Raise the `gpu` pool's limit to the number of GPUs this step sees (never lower it), so every
     GPU gets a layout step without anyone setting the pool by hand."""
-    count = gpu_count_if_loaded()
+    count = gpu_count()
     if count < 2:
         return
     storage = context.instance.event_log_storage

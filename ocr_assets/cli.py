@@ -77,7 +77,7 @@ def layout_workers(start: bool = False, stop: bool = False) -> int:
     """Print this host's layout workers; with ``start``/``stop``, start or stop them first."""
     from ocr_assets import config, layout_worker
     from ocr_assets.gpu_lease import cuda_count, physical_ids
-    from ocr_assets.layout_runner import CPU_SLOT
+    from ocr_assets.layout_runner import CPU_SLOT, step_settings
 
     if stop:
         for info in layout_worker.workers():
@@ -86,7 +86,7 @@ def layout_workers(start: bool = False, stop: bool = False) -> int:
     if start:
         from ocr_assets.resources import resources_from_env
 
-        settings = resources_from_env()["layout_model"].process_config_and_initialize().settings()
+        settings = step_settings(resources_from_env()["layout_model"].process_config_and_initialize().settings())
         count = cuda_count()
         slots = [(f"gpu-{gid}", f"cuda:{i}") for i, gid in enumerate(physical_ids(count))] or [(CPU_SLOT, "cpu")]
         for slot, device in slots:

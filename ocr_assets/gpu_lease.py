@@ -14,7 +14,6 @@ import fcntl
 import logging
 import os
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ def physical_ids(count: int) -> list[str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None or not visible.strip():
         return [str(i) for i in range(count)]
-    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    ids = [v.strip().replace("/", "_") for v in visible.split(",") if v.strip()]  # MIG ids hold slashes
     return ids[:count] if len(ids) >= count else [str(i) for i in range(count)]
 
 
@@ -136,16 +135,13 @@ def lease_gpu(
 def lease_slot(slot: str, poll: float = 0.25) -> Lease:
     """Hold the host-wide ``slot`` (not a GPU: e.g. the CPU layout worker's), waiting while it is held."""
     path = slot_path(slot)
-    start = time.monotonic()
+    start = last_log = time.monotonic()
     while (fd := _try_lock(path)) is None:
+        if time.monotonic() - last_log >= WAIT_LOG_SECONDS:
+            last_log = time.monotonic()
+            log.info("waiting for the %s slot, held by another layout step (%s)", slot, holder(path))
         time.sleep(poll)
     return Lease(-1, slot, path, time.monotonic() - start, fd)
-
-
-def gpu_count_if_loaded() -> int:
-    """CUDA devices this process sees, where it has imported torch already (0 otherwise: no import for it)."""
-    torch = sys.modules.get("torch")
-    return torch.cuda.device_count() if torch is not None and torch.cuda.is_available() else 0
 
 
 def cuda_count() -> int:

@@ -11,15 +11,17 @@ work and dropped when the step ends, however it ends.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ocr_assets import config
-from ocr_assets.backends.layout import LayoutBackend, load_layout_backend, resolve_layout_backend
+from ocr_assets.backends.layout import LayoutBackend, check_settings, load_layout_backend, resolve_layout_backend
 from ocr_assets.gpu_lease import cuda_count, lease_gpu, lease_slot
 from ocr_assets.schemas import layout_schema
 from ocr_assets.sources import open_shard
@@ -31,10 +33,18 @@ PAGES_COLUMNS = ["page_id", "row", "page", "status"]
 CPU_SLOT = "cpu"
 
 
+# what a layout worker's work depends on besides its settings: a step whose environment differs
+# here (a setting, storage credentials, the GPUs it sees) gets a worker started with its own
+ENV_PREFIXES = ("OCR_ASSETS_", "HF_", "TRANSFORMERS_", "PYTORCH_", "CUDA_VISIBLE_DEVICES", "AWS_", "GOOGLE_",
+                "GCS_", "AZURE_", "FSSPEC_")
+ENV_IGNORED = ("OCR_ASSETS_VLM_", "OCR_ASSETS_LAYOUT_WORKER")  # recognition's settings, the worker's own
+
+
 @dataclass
 class LayoutJob:
     """One partition's layout, as the step and a worker both read it: where the pages and outputs
-    are, and the layout settings (``backends.layout.SETTINGS``)."""
+    are (absolute), the layout settings (``backends.layout.SETTINGS``), and the identity of the
+    worker that may run it (``worker_identity``)."""
 
     dataset: str
     storage: str
@@ -42,13 +52,36 @@ class LayoutJob:
     settings: dict
     image_column: str | None = None
     id_column: str | None = None
-    env: dict[str, str] = field(default_factory=dict)  # the step's OCR_ASSETS_* (and HF_*) settings
+    identity: str = ""
 
     @classmethod
-    def with_environment(cls, **kwargs) -> "LayoutJob":
-        """A job carrying this process's settings variables, so a worker runs it as this step would."""
-        env = {k: v for k, v in os.environ.items() if k.startswith(("OCR_ASSETS_", "HF_", "TRANSFORMERS_"))}
-        return cls(**kwargs, env=env)
+    def for_step(cls, *, dataset: str, storage: str, settings: dict, **kwargs) -> "LayoutJob":
+        """A job whose local paths no longer depend on this process's working folder (a worker has its own)."""
+        settings = step_settings(settings)
+        return cls(dataset=_absolute(dataset), storage=_absolute(storage), settings=settings,
+                   identity=worker_identity(settings), **kwargs)
+
+
+def step_settings(settings: dict) -> dict:
+    """The layout settings as a worker must get them: a local model folder made absolute."""
+    settings = dict(settings)
+    model = settings.get("model")
+    if model and (model.startswith((".", "~", "/")) or Path(model).expanduser().exists()):
+        settings["model"] = _absolute(model)
+    return settings
+
+
+def _absolute(location: str) -> str:
+    """A local path made absolute; a URL (``s3://``, ``hf://``, ...) as it is."""
+    return location if "://" in location else str(Path(location).expanduser().absolute())
+
+
+def worker_identity(settings: dict) -> str:
+    """What a worker must share with a step to run its shards: this package's code, the layout
+    settings and the environment they are read with (ENV_PREFIXES)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES) and not k.startswith(ENV_IGNORED)}
+    text = json.dumps([code_digest(), settings, env], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -65,8 +98,10 @@ class LayoutOutcome:
         return layout_schema(self.keep_polygons)
 
 
+@functools.lru_cache(maxsize=1)
 def code_digest() -> str:
-    """A digest of this package's code and interpreter: a worker running other code is not used."""
+    """A digest of this package's code and interpreter, taken once per process (the code it runs):
+    a worker running other code is not used."""
     root = Path(__file__).parent
     digest = hashlib.sha1(sys.executable.encode())
     for path in sorted(root.rglob("*.py")):
@@ -137,11 +172,13 @@ def gpu_count() -> int:
 def run_partition(job: LayoutJob, report: StageReport) -> LayoutOutcome:
     """The partition's layout, on a leased GPU where it runs on CUDA, here or in a warm worker.
 
-    Sets, in ``report.info``: ``gpu`` (the device), ``startup_seconds`` (lease wait, worker start or
-    model load, up to the first page), ``lease_wait_seconds``, ``model_load_seconds`` and
-    ``layout_worker`` (off, warm or started).
+    Sets, in ``report.info``: ``gpu`` (``gpu-<physical id>``, or ``cpu``), ``startup_seconds`` (lease
+    wait, worker start or model load, up to the first page; in the step, the first batch's warm-up
+    falls in the stage), ``lease_wait_seconds``, ``model_load_seconds`` and ``layout_worker`` (off,
+    warm or started).
     """
     start = time.perf_counter()
+    check_settings(job.settings)  # a bad setting fails here, as in the step, before any worker is touched
     mode = config.layout_worker_mode()
     cuda = on_cuda(job.settings)
     use_worker = mode == "on" or (mode == "auto" and cuda)
@@ -163,7 +200,7 @@ def run_partition(job: LayoutJob, report: StageReport) -> LayoutOutcome:
             how = "off"
             outcome = layout_partition(job, backend, report)
         outcome.report.info.update({
-            "gpu": lease.device if (lease is not None and cuda) else "cpu",
+            "gpu": lease.slot if (lease is not None and cuda) else "cpu",
             "layout_worker": how,
             "startup_seconds": round(startup, 4),
             "lease_wait_seconds": round(waited, 4),

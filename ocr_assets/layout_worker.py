@@ -3,11 +3,13 @@
 A step that runs layout on a GPU finds the host's worker for the GPU it leased (a registration
 file in ``config.run_dir()``, and a lock the worker holds while it lives), or starts one, and
 sends it the partition as a job over HTTP on 127.0.0.1: the worker runs the same layout stage
-the step would (``layout_runner.layout_partition``) with the step's settings, reading the
-shard and writing the layout file itself, and streams progress and then the stage's report back.
-Jobs run one at a time. The worker loads a model once per set of settings and exits after
-``OCR_ASSETS_LAYOUT_WORKER_IDLE`` seconds without a job (default 900), freeing its GPU memory;
-``ocr-assets layout-workers --stop`` stops the host's workers now.
+the step would (``layout_runner.layout_partition``), reading the shard and writing the layout
+file itself, and streams progress and then the stage's report back. A worker serves one
+identity: the code, layout settings and environment it was started with
+(``layout_runner.worker_identity``); a step with another identity replaces it. Jobs run one at
+a time. The worker exits after ``OCR_ASSETS_LAYOUT_WORKER_IDLE`` seconds without a job (default
+900), freeing its GPU memory, after a device fault (the next step gets a fresh CUDA context),
+and on ``ocr-assets layout-workers --stop``.
 
 A step that dies mid-job is noticed at the next progress line the worker cannot send: the
 job stops, its partial file is removed, and the worker is free for the next step.
@@ -24,14 +26,15 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from ocr_assets import config
 from ocr_assets.backends.layout import load_layout_backend
-from ocr_assets.backends.layout.base import DeviceFault, PreparedPage
+from ocr_assets.backends.layout.base import DeviceFault, PreparedPage, device_fault_kind
 from ocr_assets.gpu_lease import _try_lock, cuda_count
-from ocr_assets.layout_runner import LayoutJob, LayoutOutcome, code_digest, layout_partition
+from ocr_assets.layout_runner import LayoutJob, LayoutOutcome, layout_partition, worker_identity
 from ocr_assets.timing import StageReport
 
 progress = logging.getLogger("ocr_assets.progress")
@@ -40,7 +43,6 @@ READ_TIMEOUT = 900.0  # seconds without a line from a busy worker before the ste
 PROGRESS_EVERY = 1.0  # seconds between progress lines (also how soon a dead step is noticed)
 # errors a worker sends back that the step raises as the same kind, so it fails as it would alone
 RAISED = {"DeviceFault": DeviceFault, "ValueError": ValueError, "TimeoutError": TimeoutError}
-ENV_PREFIXES = ("OCR_ASSETS_", "HF_", "TRANSFORMERS_")
 
 
 def registration(slot: str) -> Path:
@@ -101,6 +103,9 @@ def start_worker(slot: str, device: str, settings: dict) -> dict:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            info = find_worker(slot) if proc.returncode == 1 else None
+            if info is not None:  # another step started the slot's worker first: use that one
+                return info
             raise RuntimeError(f"the layout worker for {slot} exited ({proc.returncode}) before it was ready: "
                                f"{_log_tail(slot)}; set {config.ENV_LAYOUT_WORKER}=off to run layout in the step")
         info = find_worker(slot)
@@ -148,49 +153,69 @@ def workers() -> list[dict]:
 
 
 def run_in_worker(job: LayoutJob, slot: str, device: str, report: StageReport) -> tuple[LayoutOutcome, str, float, float]:
-    """Run ``job`` in the worker for ``slot`` (started here if none runs, or if it runs other code).
+    """Run ``job`` in the worker for ``slot``: the live one when it has the job's identity (code,
+    settings, environment), else a new one started here (replacing one that differs).
 
     Returns (outcome, ``warm`` or ``started``, model load seconds paid, time.perf_counter() when
-    the worker began the job). Raises what the stage would raise, or WorkerGone.
+    the worker began the job). A worker that stops or refuses before it begins the job (it went
+    idle, was stopped, or is another's) is replaced once. Raises what the stage would raise, or
+    WorkerGone.
     """
-    info = find_worker(slot)
-    if info is not None and info["health"].get("code") != code_digest():
-        progress.info("layout worker for %s runs other code: restarting it", slot)
-        stop_worker(slot)
-        info = None
-    how, load_seconds = "warm", 0.0
-    if info is None:
-        info = start_worker(slot, device, job.settings)
-        how, load_seconds = "started", float(info.get("load_seconds", 0.0)) + float(info.get("warmup_seconds", 0.0))
+    for attempt in range(2):
+        info = find_worker(slot)
+        if info is not None and info["health"].get("identity") != job.identity:
+            progress.info("layout worker for %s runs other code or settings: replacing it", slot)
+            stop_worker(slot)
+            info = None
+        how, load_seconds = "warm", 0.0
+        if info is None:
+            info = start_worker(slot, device, job.settings)
+            how, load_seconds = "started", float(info.get("load_seconds", 0.0)) + float(info.get("warmup_seconds", 0.0))
+        answer = _send(job, info, slot, report)
+        if answer is not None:
+            outcome, began = answer
+            return outcome, how, load_seconds, began
+    raise WorkerGone(f"the layout worker for {slot} went away twice before it began shard {job.partition!r}; "
+                     f"its log: {log_path(slot)}")
+
+
+def _send(job: LayoutJob, info: dict, slot: str, report: StageReport) -> tuple[LayoutOutcome, float] | None:
+    """(outcome, when the worker began) for ``job``, or None where the worker went away or refused
+    before it began (the caller tries another)."""
+    began = None
+    failure: Exception | None = None
     conn = http.client.HTTPConnection("127.0.0.1", info["port"], timeout=READ_TIMEOUT)
-    began = time.perf_counter()
     try:
         conn.request("POST", "/layout", body=json.dumps(job.__dict__).encode(),
                      headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        for line in response:
+        for line in conn.getresponse():
             message = json.loads(line)
             event = message.get("event")
+            if event in ("stopping", "other"):
+                return None
             if event == "started":
                 began = time.perf_counter()
-                load_seconds += float(message.get("load_seconds", 0.0))
             elif event == "progress":
                 report.advance(int(message["done"]) - report._done, int(message["total"]))
             elif event == "done":
                 _fill(report, message["report"])
-                return (LayoutOutcome(int(message["rows"]), message["uri"], bool(message["keep_polygons"]), report),
-                        how, load_seconds, began)
+                return LayoutOutcome(int(message["rows"]), message["uri"], bool(message["keep_polygons"]), report), began
             elif event == "error":
-                kind = RAISED.get(message.get("type"), RuntimeError)
-                raise kind(message["message"])
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        if isinstance(exc, ValueError) and not isinstance(exc, json.JSONDecodeError):
-            raise
+                failure = RAISED.get(message.get("type"), RuntimeError)(
+                    f"{message['message']} (in the layout worker for {slot}; its log: {log_path(slot)})")
+                break
+    except (OSError, http.client.HTTPException, json.JSONDecodeError) as exc:
+        if began is None:
+            return None
         raise WorkerGone(f"the layout worker for {slot} (pid {info.get('pid')}) stopped answering during shard "
                          f"{job.partition!r} ({type(exc).__name__}: {exc}); its log: {log_path(slot)}. Retry the "
                          f"step; {config.ENV_LAYOUT_WORKER}=off runs layout in the step") from exc
     finally:
         conn.close()
+    if failure is not None:
+        raise failure
+    if began is None:
+        return None
     raise WorkerGone(f"the layout worker for {slot} (pid {info.get('pid')}) ended shard {job.partition!r} "
                      f"without an answer: it died or was stopped; its log: {log_path(slot)}. Retry the step")
 
@@ -221,24 +246,27 @@ class _StreamedReport(StageReport):
 
 
 class _Worker:
-    def __init__(self, slot: str, device: str, idle: float) -> None:
-        self.slot, self.device, self.idle = slot, device, idle
+    def __init__(self, slot: str, device: str, idle: float, identity: str, backend) -> None:
+        self.slot, self.device, self.idle, self.identity, self.backend = slot, device, idle, identity, backend
         self.jobs = 0
         self.busy = threading.Lock()
         self.last = time.monotonic()
         self.stopping = False
-        self.load_seconds = self.warmup_seconds = 0.0
+        self.server = None
 
     def run_job(self, job: LayoutJob, send) -> None:
         with self.busy:
             self.last = time.monotonic()
-            saved = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+            if self.stopping:  # went idle or was stopped while this step was on its way: it starts another
+                send({"event": "stopping"})
+                return
+            if job.identity != self.identity:
+                send({"event": "other"})
+                return
             try:
-                _replace_env(job.env)  # the step's settings, for this job only
-                backend, load_seconds = load_layout_backend(job.settings, device=self._torch_device())
-                send({"event": "started", "load_seconds": load_seconds})
+                send({"event": "started"})
                 report = _StreamedReport(send, label=f"layout {job.partition}")
-                outcome = layout_partition(job, backend, report)
+                outcome = layout_partition(job, self.backend, report)
                 send({"event": "done", "rows": outcome.rows, "uri": outcome.uri,
                       "keep_polygons": outcome.keep_polygons,
                       "report": {"parts": report.parts, "counts": report.counts, "info": report.info,
@@ -246,26 +274,30 @@ class _Worker:
             except (BrokenPipeError, ConnectionResetError):
                 print(f"shard {job.partition}: the step went away; job stopped, partial file removed", flush=True)
             except Exception as exc:
+                traceback.print_exc()
+                if isinstance(exc, DeviceFault) or device_fault_kind(exc) is not None:
+                    # the GPU may be left unusable: the next step gets a fresh worker (a fresh CUDA context)
+                    print("a device fault: this worker stops after this shard", flush=True)
+                    self.stop()
                 try:
                     send({"event": "error", "type": type(exc).__name__, "message": str(exc)})
                 except OSError:
                     pass
             finally:
-                _replace_env(saved)
                 self.jobs += 1
                 self.last = time.monotonic()
 
-    def _torch_device(self) -> str | None:
-        return None if self.device == "cpu" else self.device
+    def stop(self) -> None:
+        """Stop taking shards, and shut the server down once the current shard is done."""
+        self.stopping = True
+        threading.Thread(target=self._shutdown_after_job, daemon=True).start()
+
+    def _shutdown_after_job(self) -> None:
+        with self.busy:
+            self.server.shutdown()
 
 
-def _replace_env(values: dict[str, str]) -> None:
-    for key in [k for k in os.environ if k.startswith(ENV_PREFIXES)]:
-        del os.environ[key]
-    os.environ.update(values)
-
-
-def _handler(worker: _Worker, server_ref: list):
+def _handler(worker: _Worker):
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:  # one line per job is printed by the worker itself
             pass
@@ -279,16 +311,17 @@ def _handler(worker: _Worker, server_ref: list):
             self.wfile.write(data)
 
         def do_GET(self) -> None:
-            self._json({"pid": os.getpid(), "slot": worker.slot, "device": worker.device, "code": code_digest(),
-                        "busy": worker.busy.locked(), "jobs": worker.jobs,
-                        "idle_seconds": round(time.monotonic() - worker.last, 1)})
+            idle = round(time.monotonic() - worker.last, 1)
+            worker.last = time.monotonic()  # a step that looks is about to send a shard: not idle now
+            self._json({"pid": os.getpid(), "slot": worker.slot, "device": worker.device,
+                        "identity": worker.identity, "busy": worker.busy.locked(), "stopping": worker.stopping,
+                        "jobs": worker.jobs, "idle_seconds": idle})
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
             if self.path == "/stop":
-                worker.stopping = True
                 self._json({"stopping": True})
-                threading.Thread(target=_shutdown_after_job, args=(worker, server_ref[0]), daemon=True).start()
+                worker.stop()
                 return
             self.send_response(200)
             self.send_header("Content-Type", "application/x-ndjson")
@@ -306,18 +339,12 @@ def _handler(worker: _Worker, server_ref: list):
     return Handler
 
 
-def _shutdown_after_job(worker: _Worker, server) -> None:
-    with worker.busy:
-        server.shutdown()
-
-
-def _watch_idle(worker: _Worker, server) -> None:
+def _watch_idle(worker: _Worker) -> None:
     while not worker.stopping:
         time.sleep(1.0)
         if not worker.busy.locked() and time.monotonic() - worker.last > worker.idle:
             print(f"idle for {worker.idle:.0f} s: exiting", flush=True)
-            worker.stopping = True
-            _shutdown_after_job(worker, server)
+            worker.stop()
 
 
 def warm_up(backend) -> None:
@@ -336,35 +363,45 @@ def warm_up(backend) -> None:
         backend.detect(prepared)
 
 
+def _hold_slot(slot: str, wait: float = 2.0) -> int | None:
+    """The worker's alive lock for ``slot``; tried for ``wait`` seconds (a step may be probing it)."""
+    deadline = time.monotonic() + wait
+    while (fd := _try_lock(alive_lock(slot))) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return fd
+
+
 def serve(slot: str, device: str, settings: dict, idle: float) -> int:
     """Run the worker for ``slot`` until it is stopped or idle; 1 if another worker holds the slot."""
     config.run_dir().mkdir(parents=True, exist_ok=True)
-    fd = _try_lock(alive_lock(slot))
+    fd = _hold_slot(slot)
     if fd is None:
         print(f"a layout worker for {slot} already runs", flush=True)
         return 1
-    worker = _Worker(slot, device, idle)
-    backend, worker.load_seconds = load_layout_backend(settings, device=worker._torch_device())
+    identity = worker_identity(settings)  # this process's code, settings and environment, as started
+    torch_device = None if device == "cpu" else device
+    backend, load_seconds = load_layout_backend(settings, device=torch_device)
     start = time.perf_counter()
     warm_up(backend)
-    worker.warmup_seconds = time.perf_counter() - start
-    server_ref: list = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(worker, server_ref))
+    warmup_seconds = time.perf_counter() - start
+    worker = _Worker(slot, device, idle, identity, backend)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(worker))
     server.daemon_threads = True
-    server_ref.append(server)
+    worker.server = server
     # the GPUs this host shows under this CUDA_VISIBLE_DEVICES: a step reads them here, without importing torch
     info = {"pid": os.getpid(), "port": server.server_address[1], "slot": slot, "device": device,
-            "load_seconds": worker.load_seconds, "warmup_seconds": worker.warmup_seconds,
+            "load_seconds": load_seconds, "warmup_seconds": warmup_seconds,
             "gpus": cuda_count(), "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
     tmp = registration(slot).with_suffix(".tmp")
     tmp.write_text(json.dumps(info))
     tmp.replace(registration(slot))
-    print(f"layout worker for {slot} on {device}: ready on port {info['port']} (load {worker.load_seconds:.2f} s, "
-          f"warm-up {worker.warmup_seconds:.2f} s)", flush=True)
-    threading.Thread(target=_watch_idle, args=(worker, server), daemon=True).start()
+    print(f"layout worker for {slot} on {device}: ready on port {info['port']} (load {load_seconds:.2f} s, "
+          f"warm-up {warmup_seconds:.2f} s)", flush=True)
+    threading.Thread(target=_watch_idle, args=(worker,), daemon=True).start()
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
+        server.server_close()  # a step arriving now is refused at once, and starts another worker
         try:
             if json.loads(registration(slot).read_text()).get("pid") == os.getpid():
                 registration(slot).unlink()

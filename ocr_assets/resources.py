@@ -19,7 +19,7 @@ from pydantic import Field
 from ocr_assets import config
 from ocr_assets.backends import load_once
 from ocr_assets.backends.layout import (
-    LAYOUT_BACKENDS, SETTINGS, LayoutBackend, load_layout_backend, parse_label_tasks, resolve_layout_backend,
+    SETTINGS, LayoutBackend, check_settings, load_layout_backend, resolve_layout_backend,
 )
 from ocr_assets.backends.recognition import RECOGNIZERS, Recognizer, create_recognizer, resolve_recognizer
 from ocr_assets.sources import Shard, ShardRef, list_shards, open_shard, source_row_count
@@ -107,11 +107,7 @@ class LayoutResource(dg.ConfigurableResource):
     def preflight(self) -> None:
         """Cheap checks of the configuration, without loading the model: a bad backend name, a
         missing model folder or device is an error naming the setting, before any work starts."""
-        name = self.backend_name()
-        if name not in LAYOUT_BACKENDS:
-            raise ValueError(f"{config.ENV_LAYOUT_BACKEND}={name!r} is not a layout backend; choose one of "
-                             f"{', '.join(LAYOUT_BACKENDS)}")
-        parse_label_tasks(self.label_tasks)
+        name = check_settings(self.settings())
         config.orientation_enabled(), config.deskew_enabled()  # a bad on/off value names its variable
         config.layout_worker_mode(), config.layout_gpu_memory()
         if name == "pp-doclayout-v3":

@@ -143,10 +143,10 @@ def test_a_layout_step_opens_the_gpu_pool_to_the_gpus_it_sees(monkeypatch):
     with dg.instance_for_test(overrides={"concurrency": {"pools": {"default_limit": 1}}}) as instance:
         context = SimpleNamespace(instance=instance, log=logging.getLogger("test"))
         storage = instance.event_log_storage
-        monkeypatch.setattr(assets, "gpu_count_if_loaded", lambda: 1)
+        monkeypatch.setattr(assets, "gpu_count", lambda: 1)
         assets.raise_gpu_pool_limit(context)
         assert "gpu" not in storage.get_concurrency_keys() or storage.get_concurrency_info("gpu").slot_count <= 1
-        monkeypatch.setattr(assets, "gpu_count_if_loaded", lambda: 4)
+        monkeypatch.setattr(assets, "gpu_count", lambda: 4)
         assets.raise_gpu_pool_limit(context)
         assert storage.get_concurrency_info("gpu").slot_count == 4
         storage.set_concurrency_slots("gpu", 8)

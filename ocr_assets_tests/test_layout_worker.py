@@ -101,34 +101,119 @@ def test_the_worker_keeps_the_model_warm_and_gives_the_steps_rows(small_dataset,
     assert via_worker.num_rows > 0 and via_worker.equals(in_step)
 
 
-def test_a_worker_started_with_other_code_is_replaced(small_dataset, tmp_path, run_dir, monkeypatch):
+def _job(dataset: str, storage: str, key: str, settings: dict = CDLA) -> LayoutJob:
+    return LayoutJob.for_step(dataset=dataset, storage=storage, partition=key, settings=settings)
+
+
+STEP = (
+    "import json, sys\n"
+    "from ocr_assets.layout_runner import LayoutJob, run_partition\n"
+    "from ocr_assets.timing import StageReport\n"
+    "job = LayoutJob.for_step(dataset=sys.argv[1], storage=sys.argv[2], partition=sys.argv[3],"
+    " settings=json.loads(sys.argv[4]))\n"
+    "info = run_partition(job, StageReport()).report.info\n"
+    "print(info['layout_worker'], info['gpu'], 'torch' in sys.modules)\n"
+)
+
+
+def _step(dataset: str, storage: str, key: str, settings: dict, env: dict | None = None) -> list[str]:
+    """A layout step in a fresh process (as Dagster runs one); its (layout_worker, gpu, torch imported)."""
+    import json
+
+    done = subprocess.run([sys.executable, "-c", STEP, dataset, storage, key, json.dumps(settings)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_a_worker_running_other_code_is_replaced(small_dataset, tmp_path, run_dir):
+    """An upgrade changes the package's files: a new step process finds the worker's code older."""
     storage = str(tmp_path / "out")
     key = _pages(small_dataset, storage)[0]
-    job = LayoutJob.with_environment(dataset=small_dataset, storage=storage, partition=key, settings=CDLA)
-    run_partition(job, StageReport())
+    assert _step(small_dataset, storage, key, CDLA)[0] == "started"
+    assert _step(small_dataset, storage, key, CDLA)[0] == "warm"
     old = layout_worker.workers()[0]["pid"]
-    monkeypatch.setattr(layout_worker, "code_digest", lambda: "other code")
-    outcome = run_partition(job, StageReport())
-    assert outcome.report.info["layout_worker"] == "started"
+    source = Path(layout_worker.__file__).with_name("timing.py")
+    before = source.stat()
+    os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
+    try:
+        assert _step(small_dataset, storage, key, CDLA)[0] == "started"
+    finally:
+        os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert layout_worker.workers()[0]["pid"] != old
+
+
+def test_a_step_with_other_settings_gets_a_worker_of_its_own(small_dataset, tmp_path, run_dir):
+    storage = str(tmp_path / "out")
+    key = _pages(small_dataset, storage)[0]
+    assert _step(small_dataset, storage, key, CDLA)[0] == "started"
+    assert _step(small_dataset, storage, key, CDLA, env={"OCR_ASSETS_DESKEW": "off"})[0] == "started"
+    assert _step(small_dataset, storage, key, CDLA | {"conf_threshold": 0.9},
+                 env={"OCR_ASSETS_DESKEW": "off"})[0] == "started"
+    assert _step(small_dataset, storage, key, CDLA | {"conf_threshold": 0.9},
+                 env={"OCR_ASSETS_DESKEW": "off"})[0] == "warm"
+    assert len(layout_worker.workers()) == 1
+
+
+def test_a_job_names_absolute_paths(small_dataset, tmp_path, monkeypatch):
+    """A worker has its own working folder: a step's relative paths must not reach it as they are."""
+    monkeypatch.chdir(tmp_path)
+    job = LayoutJob.for_step(dataset="./data", storage="out", partition="k", settings=CDLA | {"model": "./ck"})
+    assert (job.dataset, job.storage, job.settings["model"]) == (
+        str(tmp_path / "data"), str(tmp_path / "out"), str(tmp_path / "ck"))
+    remote = LayoutJob.for_step(dataset="s3://b/d", storage="gs://b/o", partition="k",
+                                settings=CDLA | {"model": "PaddlePaddle/PP-DocLayoutV3_safetensors"})
+    assert (remote.dataset, remote.storage, remote.settings["model"]) == (
+        "s3://b/d", "gs://b/o", "PaddlePaddle/PP-DocLayoutV3_safetensors")
+
+
+def test_a_worker_that_stops_as_a_step_arrives_is_replaced(small_dataset, tmp_path, run_dir, monkeypatch):
+    storage = str(tmp_path / "out")
+    key = _pages(small_dataset, storage)[0]
+    job = _job(small_dataset, storage, key)
+    run_partition(job, StageReport())
+    old = layout_worker.workers()[0]
+    real = layout_worker.find_worker
+
+    def found_then_stopped(slot):  # the worker goes idle between the step's look and its shard
+        info = real(slot)
+        if info is not None and info["pid"] == old["pid"]:
+            layout_worker._request(info["port"], "POST", "/stop")
+        return info
+
+    monkeypatch.setattr(layout_worker, "find_worker", found_then_stopped)
+    outcome = run_partition(job, StageReport())
+    monkeypatch.setattr(layout_worker, "find_worker", real)
+    assert outcome.report.info["layout_worker"] == "started" and outcome.report.pages == 2
+    assert layout_worker.workers()[0]["pid"] != old["pid"]
 
 
 def test_bad_settings_fail_the_step_as_they_would_in_it(small_dataset, tmp_path, run_dir):
     storage = str(tmp_path / "out")
     key = _pages(small_dataset, storage)[0]
-    run_partition(LayoutJob.with_environment(dataset=small_dataset, storage=storage, partition=key, settings=CDLA),
-                  StageReport())
+    run_partition(_job(small_dataset, storage, key), StageReport())
+    pid = layout_worker.workers()[0]["pid"]
     bad = CDLA | {"label_tasks": '{"text": "sing"}'}
     with pytest.raises(ValueError, match="label_tasks maps to unknown tasks"):
-        run_partition(LayoutJob.with_environment(dataset=small_dataset, storage=storage, partition=key,
-                                                 settings=bad), StageReport())
-    assert layout_worker.workers()[0]["health"]["busy"] is False
+        run_partition(_job(small_dataset, storage, key, bad), StageReport())
+    assert layout_worker.workers()[0]["pid"] == pid  # the good worker was not replaced for it
+
+
+def test_an_error_in_the_worker_fails_the_step_with_its_message(small_dataset, tmp_path, run_dir):
+    storage = str(tmp_path / "out")
+    keys = _pages(small_dataset, storage)
+    run_partition(_job(small_dataset, storage, keys[0]), StageReport())
+    with pytest.raises(Exception, match="no-such-shard") as raised:
+        run_partition(_job(small_dataset, storage, "no-such-shard"), StageReport())
+    assert "layout worker for cpu" in str(raised.value) and "layout-worker-cpu.log" in str(raised.value)
+    assert "Traceback" in (run_dir / "layout-worker-cpu.log").read_text()
+    assert run_partition(_job(small_dataset, storage, keys[0]), StageReport()).report.info["layout_worker"] == "warm"
 
 
 def test_a_worker_killed_mid_shard_fails_the_step(slow_dataset, checkpoint, tmp_path, run_dir):
     storage = str(tmp_path / "out")
     key = _pages(slow_dataset, storage)[0]
-    job = LayoutJob.with_environment(dataset=slow_dataset, storage=storage, partition=key, settings=_pp(checkpoint))
+    job = LayoutJob.for_step(dataset=slow_dataset, storage=storage, partition=key, settings=_pp(checkpoint))
     layout_worker.start_worker(CPU_SLOT, "cpu", job.settings)
     raised: list = []
 
@@ -157,7 +242,7 @@ def test_a_step_killed_mid_shard_frees_its_lease_and_the_worker(slow_dataset, ch
         "import json, sys\n"
         "from ocr_assets.layout_runner import LayoutJob, run_partition\n"
         "from ocr_assets.timing import StageReport\n"
-        "job = LayoutJob.with_environment(dataset=sys.argv[1], storage=sys.argv[2], partition=sys.argv[3],"
+        "job = LayoutJob.for_step(dataset=sys.argv[1], storage=sys.argv[2], partition=sys.argv[3],"
         " settings=json.loads(sys.argv[4]))\n"
         "run_partition(job, StageReport())\n"
     )
@@ -174,7 +259,7 @@ def test_a_step_killed_mid_shard_frees_its_lease_and_the_worker(slow_dataset, ch
         assert time.monotonic() < deadline, "the worker stayed busy for a step that died"
         time.sleep(0.2)
     assert not list((Path(storage) / "layout").glob("*.tmp-*"))  # no partial file left behind
-    job = LayoutJob.with_environment(dataset=slow_dataset, storage=storage, partition=key, settings=settings)
+    job = LayoutJob.for_step(dataset=slow_dataset, storage=storage, partition=key, settings=settings)
     outcome = run_partition(job, StageReport())
     assert outcome.report.info["layout_worker"] == "warm" and outcome.report.pages == 6
 
@@ -189,7 +274,7 @@ def _busy_worker_pid(timeout: float = 60) -> int:
     raise AssertionError("no worker became busy")
 
 
-def test_the_cli_starts_lists_and_stops_the_hosts_workers(run_dir, capsys):
+def test_the_cli_starts_lists_and_stops_the_hosts_workers(small_dataset, tmp_path, run_dir, capsys):
     from ocr_assets.cli import main
 
     assert main(["layout-workers"]) == 0
@@ -198,6 +283,10 @@ def test_the_cli_starts_lists_and_stops_the_hosts_workers(run_dir, capsys):
     out = capsys.readouterr().out
     assert "started the layout worker for cpu on cpu" in out and "cpu: pid" in out
     pid = layout_worker.workers()[0]["pid"]
+    storage = str(tmp_path / "out")
+    key = _pages(small_dataset, storage)[0]  # a step with the same settings finds it warm
+    job = _job(small_dataset, storage, key, LayoutResource().settings())
+    assert run_partition(job, StageReport()).report.info["layout_worker"] == "warm"
     assert main(["layout-workers", "--stop"]) == 0
     assert f"stopped the layout worker for cpu (pid {pid})" in capsys.readouterr().out
     assert layout_worker.workers() == []
@@ -208,19 +297,5 @@ def test_a_step_that_finds_a_warm_worker_does_not_import_torch(small_dataset, ch
     storage = str(tmp_path / "out")
     key = _pages(small_dataset, storage)[0]
     settings = _pp(checkpoint) | {"device": "auto"}
-    layout_worker.start_worker(CPU_SLOT, "cpu", settings)
-    script = (
-        "import json, sys\n"
-        "from ocr_assets.layout_runner import LayoutJob, run_partition\n"
-        "from ocr_assets.timing import StageReport\n"
-        "job = LayoutJob.with_environment(dataset=sys.argv[1], storage=sys.argv[2], partition=sys.argv[3],"
-        " settings=json.loads(sys.argv[4]))\n"
-        "info = run_partition(job, StageReport()).report.info\n"
-        "print(info['layout_worker'], info['gpu'], 'torch' in sys.modules)\n"
-    )
-    import json
-
-    done = subprocess.run([sys.executable, "-c", script, small_dataset, storage, key, json.dumps(settings)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["warm", "cpu", "False"]
+    layout_worker.start_worker(CPU_SLOT, "cpu", _job(small_dataset, storage, key, settings).settings)
+    assert _step(small_dataset, storage, key, settings) == ["warm", "cpu", "False"]

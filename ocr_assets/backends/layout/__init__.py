@@ -15,7 +15,7 @@ SETTINGS = ("backend", "model", "device", "dtype", "threads", "decode_threads", 
             "threshold_by_label", "merge_modes", "keep_polygons", "recover_text", "label_tasks")
 
 __all__ = ["Detection", "LayoutBackend", "LAYOUT_BACKENDS", "SETTINGS", "create_layout_backend",
-           "load_layout_backend", "parse_label_tasks", "resolve_layout_backend"]
+           "check_settings", "load_layout_backend", "parse_label_tasks", "resolve_layout_backend"]
 
 
 def resolve_layout_backend(backend: str | None, model: str | None) -> str:
@@ -68,6 +68,19 @@ def parse_label_tasks(value: str | None) -> dict[str, str]:
     return table
 
 
+def check_settings(settings: dict) -> str:
+    """The backend name of ``settings``, after the checks that need no model (a bad backend name or
+    JSON setting raises ValueError naming it)."""
+    name = resolve_layout_backend(settings.get("backend"), settings.get("model"))
+    if name not in LAYOUT_BACKENDS:
+        raise ValueError(f"{ENV_LAYOUT_BACKEND}={name!r} is not a layout backend; choose one of "
+                         f"{', '.join(LAYOUT_BACKENDS)}")
+    parse_label_tasks(settings.get("label_tasks"))
+    for option in ("threshold_by_label", "merge_modes"):
+        config.parse_json_object(option, settings.get(option))
+    return name
+
+
 def load_layout_backend(settings: dict, device: str | None = None) -> tuple[LayoutBackend, float]:
     """The backend the layout ``settings`` (SETTINGS) describe, loaded once per process; returns
     (backend, seconds spent loading now). ``device`` (a leased ``cuda:N``) replaces the device setting.
@@ -75,7 +88,7 @@ def load_layout_backend(settings: dict, device: str | None = None) -> tuple[Layo
     The orientation/deskew switches and the GPU memory share are read from the environment here:
     a change of them loads anew.
     """
-    name = resolve_layout_backend(settings.get("backend"), settings.get("model"))
+    name = check_settings(settings)
     overrides = parse_label_tasks(settings.get("label_tasks"))
     options: dict = {}
     if name == "pp-doclayout-v3":
