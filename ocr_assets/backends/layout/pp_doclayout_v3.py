@@ -148,6 +148,8 @@ class PPDocLayoutV3Backend:
         gpu_memory: float | None = None,
     ) -> None:
         self.device = resolve_device(device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # pinned memory and streams go to this GPU, not GPU 0
         precision.resolve_dtype(dtype, self.device)  # a bad setting fails before the model loads
         self.gpu_memory = _gpu_memory_share(gpu_memory, self.device)
         if threads and self.device.type == "cpu":

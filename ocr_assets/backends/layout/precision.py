@@ -9,6 +9,7 @@ model and batch size; its result is kept in ``<cache dir>/layout_dtype.json``.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ import platform
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -112,14 +113,15 @@ def autocast(dtype: torch.dtype, device: torch.device):
 
 
 def checked_forward(model: torch.nn.Module, pixels: torch.Tensor, dtype: torch.dtype, report=None):
-    """The model's outputs on ``pixels`` under ``dtype``. fp16's range is narrow: a batch whose logits
-    or boxes are not all finite runs again in fp32, counted in ``report.counts["fp16_fallbacks"]``
+    """The model's outputs on ``pixels`` under ``dtype``. fp16's range is narrow: a batch whose logits,
+    boxes or masks are not all finite runs again in fp32, counted in ``report.counts["fp16_fallbacks"]``
     (present, 0 or more, whenever the model runs in fp16)."""
     with autocast(dtype, pixels.device):
         outputs = model(pixel_values=pixels)
     if dtype is not torch.float16:
         return outputs
-    finite = all(bool(torch.isfinite(t).all()) for t in (outputs.logits, outputs.pred_boxes))
+    checked = [outputs.logits, outputs.pred_boxes] + [t for t in (getattr(outputs, "out_masks", None),) if t is not None]
+    finite = all(bool(torch.isfinite(t).all()) for t in checked)
     if report is not None:
         report.count("fp16_fallbacks", 0 if finite else 1)
     return outputs if finite else model(pixel_values=pixels)
@@ -161,6 +163,32 @@ def measured_cpu_dtype(model: torch.nn.Module, *, batch_size: int, input_size: t
     entry = read_cache(path).get(key)
     if _valid(entry):
         return DtypeChoice(DTYPES[entry["dtype"]], "cached measurement: " + _times(entry))
+    # one process measures at a time: two measuring at once on the same cores would time each other
+    with _measuring(path):
+        entry = read_cache(path).get(key)
+        if _valid(entry):
+            return DtypeChoice(DTYPES[entry["dtype"]], "cached measurement: " + _times(entry))
+        return _measure(model, key, path, batch_size, input_size, timer)
+
+
+@contextmanager
+def _measuring(path: Path):
+    """An exclusive lock beside the cache file, held while measuring; none where it cannot be made."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # an unwritable cache folder: measure unlocked (the result is not cached either)
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _measure(model: torch.nn.Module, key: str, path: Path, batch_size: int, input_size: tuple[int, int],
+             timer: Timer | None) -> DtypeChoice:
     pixels = torch.rand(batch_size, 3, *input_size, generator=torch.Generator().manual_seed(0))
     pixels = pixels.contiguous(memory_format=torch.channels_last)  # as the backend feeds the model
     try:
@@ -215,13 +243,15 @@ def write_cache(path: Path, entries: dict) -> None:
 
 def cache_key(model: torch.nn.Module, batch_size: int, input_size: tuple[int, int]) -> str:
     """A digest of what changes the answer: the CPU and its flags, torch and transformers, the
-    thread count, the model's architecture and input size, and the batch size."""
+    thread count, the instruction sets torch is told to use, the model's architecture and input
+    size, and the batch size."""
     import transformers
 
     cfg = model.config.to_dict() if hasattr(model, "config") else {"module": type(model).__name__}
     architecture = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "transformers_version"}
     parts = {"cpu": cpu_name(), "flags": cpu_flags(), "torch": torch.__version__,
              "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+             "isa": [os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")],
              "architecture": architecture, "input_size": list(input_size), "batch_size": int(batch_size)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
