@@ -174,7 +174,8 @@ def layout(
     finally:
         shard.close()
     regions = store.read("layout", key, columns=["page_id", "region", "status"])
-    return publish(context, outcome, outcome.report, model_load_seconds=outcome.report.info.pop("model_load_seconds"),
+    # the runner's report carries model_load_seconds with where it ran (gpu, startup_seconds, ...)
+    return publish(context, outcome, outcome.report,
                    checks={"page_error_rate": checks.layout_page_error_rate(pages_table, regions)},
                    extra=preview)
 

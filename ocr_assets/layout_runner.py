@@ -155,10 +155,12 @@ def on_cuda(settings: dict) -> bool:
     return True  # cuda or cuda:N: the lease checks that CUDA and that GPU exist
 
 
+@functools.lru_cache(maxsize=1)
 def gpu_count() -> int:
     """The GPUs this process sees: as a live layout worker on this host recorded them under the same
     CUDA_VISIBLE_DEVICES, else from torch. A step that finds a warm worker does not import torch
-    (seconds of the step's start-up)."""
+    (seconds of the step's start-up). Counted once per process: a step asks three times (device,
+    lease, pool), and each look at the workers is a request to each of them."""
     if "torch" not in sys.modules:
         from ocr_assets.layout_worker import workers
 
