@@ -8,7 +8,7 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ocr_assets import checks
+from ocr_assets import checks, config
 from ocr_assets.imaging import decode_page
 from ocr_assets.layout_runner import LayoutJob, LayoutOutcome, gpu_count, run_partition
 from ocr_assets.preview import layout_picture, markdown_excerpt, markdown_image
@@ -257,8 +257,8 @@ def crops(
     return publish(context, written, report)
 
 
-@dg.asset(**COMMON, kinds={"parquet", "onnx"}, code_version=code_version("recognition"), deps=[crops], pool="vlm",
-          check_specs=[
+@dg.asset(**COMMON, kinds={"parquet", "onnx"}, code_version=code_version("recognition"), deps=[crops],
+          pool=config.VLM_POOL, check_specs=[
     _check("error_rate", "recognition", "Regions whose recognition failed, under OCR_ASSETS_MAX_ERROR_RATE."),
     _check("empty_text_rate", "recognition", "Non-empty crops read as no text, under OCR_ASSETS_MAX_EMPTY_RATE."),
 ])
@@ -266,10 +266,13 @@ def recognition(context: dg.AssetExecutionContext, storage: StorageResource, rec
     """One row per region: the text read from its crop with the prompt of its task.
 
     Answers are cached next to the outputs: a re-run (after a crash, or a backfill over the
-    same data) reads only the regions not read before. Runs in the `vlm` concurrency pool.
+    same data) reads only the regions not read before. Runs in the `vlm` concurrency pool: with a
+    VLM, each step keeps 1/limit of every server's bound in flight, so the steps together never pass it.
     """
     store, key = storage.store(), context.partition_key
-    backend, load_seconds = recognizer.load()
+    vlm = recognizer.kind_name() == "openai"
+    steps = vlm_steps(context) if vlm else 1
+    backend, load_seconds = recognizer.load(steps)
     cache = RecognitionCache(store, key) if recognizer.cache else None
     with store.writer("recognition", key, RECOGNITION) as written:
         _, report = run_recognition(
@@ -277,6 +280,9 @@ def recognition(context: dg.AssetExecutionContext, storage: StorageResource, rec
             report=StageReport(label=f"recognition {key}"), sink=written.write,
         )
     report.info.update(backend.run_metadata())
+    if vlm:
+        report.info.update(vlm_pool_limit=steps,
+                           vlm_concurrency_per_server=config.vlm_share(recognizer.vlm_concurrency, steps))
     texts = _texts(store, "recognition", key, "text", 12)
     return publish(
         context, written, report, model_load_seconds=load_seconds,
@@ -286,6 +292,24 @@ def recognition(context: dg.AssetExecutionContext, storage: StorageResource, rec
         extra={"preview": dg.MetadataValue.md("\n\n".join(f"- {markdown_excerpt(t, 300)}" for t in texts))}
         if texts else None,
     )
+
+
+def vlm_steps(context: dg.AssetExecutionContext) -> int:
+    """The recognition steps that may run at once: the `vlm` pool's limit. Without one (an instance
+    whose pools have no default limit), 1, with a warning: the bound then holds for one step only."""
+    try:
+        info = context.instance.event_log_storage.get_concurrency_info(config.VLM_POOL)
+        limit = info.limit if getattr(info, "limit", None) is not None else info.slot_count
+    except Exception as exc:  # an instance without pools
+        limit, why = 0, f"{type(exc).__name__}: {exc}"
+    else:
+        why = "no limit is set"
+    if limit and limit > 0:
+        return int(limit)
+    context.log.warning(f"concurrency pool {config.VLM_POOL!r}: {why}; each recognition step keeps the whole "
+                        f"{config.ENV_VLM_CONCURRENCY} in flight to each server: set a limit "
+                        f"(dagster instance concurrency set {config.VLM_POOL} N) so the steps share it")
+    return 1
 
 
 @dg.asset(**COMMON, kinds={"parquet", "markdown"}, code_version=code_version("documents"),

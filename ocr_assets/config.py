@@ -29,6 +29,10 @@ ENV_VLM_BASE_URL = "OCR_ASSETS_VLM_BASE_URL"
 ENV_VLM_MODEL = "OCR_ASSETS_VLM_MODEL"
 ENV_VLM_API_KEY = "OCR_ASSETS_VLM_API_KEY"
 ENV_VLM_CONCURRENCY = "OCR_ASSETS_VLM_CONCURRENCY"
+ENV_VLM_SERVE_MODEL = "OCR_ASSETS_VLM_SERVE_MODEL"
+ENV_VLM_SERVE_PORT = "OCR_ASSETS_VLM_SERVE_PORT"
+ENV_VLM_SERVE_GPU_MEMORY = "OCR_ASSETS_VLM_SERVE_GPU_MEMORY"
+ENV_EXECUTOR = "OCR_ASSETS_EXECUTOR"
 ENV_MAX_PIXELS = "OCR_ASSETS_MAX_PIXELS"
 ENV_PDF_DPI = "OCR_ASSETS_PDF_DPI"
 ENV_MAX_ERROR_RATE = "OCR_ASSETS_MAX_ERROR_RATE"
@@ -45,6 +49,9 @@ DEFAULT_STORAGE = "./ocr_data"
 DEFAULT_MAX_PIXELS = 100_000_000  # a page over this is refused before decoding (600-dpi A3 is ~70 MP)
 DEFAULT_SAMPLE_DIR = "./ocr_sample"
 DEFAULT_PDF_DPI = 150
+DEFAULT_VLM_CONCURRENCY = 64  # requests in flight to each VLM server, over every recognition step at once
+VLM_POOL = "vlm"  # the recognition steps' concurrency pool: each takes 1/limit of every server's bound
+EXECUTORS = ("multiprocess", "k8s")
 DEFAULT_LAYOUT_WORKER_IDLE = 900  # seconds a layout worker waits for the next shard before it exits
 # the longest side of a rendered PDF page, whatever its DPI: an A0 poster at 150 dpi is 7022 px
 PDF_MAX_SIDE = 5000
@@ -237,3 +244,34 @@ def parse_json_object(name: str, value: str | None) -> dict:
     if not isinstance(table, dict):
         raise ValueError(f"{name} must be a JSON object, not {type(table).__name__}")
     return table
+
+
+def vlm_base_urls(value: str | None) -> list[str]:
+    """The VLM servers of ``OCR_ASSETS_VLM_BASE_URL``: one URL or several, comma-separated, each an
+    http(s) URL of an OpenAI-compatible API (ending in /v1); trailing slashes dropped, order kept."""
+    urls = [part.strip().rstrip("/") for part in (value or "").split(",") if part.strip()]
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"{ENV_VLM_BASE_URL}: {url!r} is not an http(s) URL; give e.g. "
+                             f"http://host:8000/v1, several separated by commas")
+    repeated = sorted({url for url in urls if urls.count(url) > 1})
+    if repeated:
+        raise ValueError(f"{ENV_VLM_BASE_URL} names {', '.join(repeated)} more than once: "
+                         f"each server once (its in-flight bound would count twice)")
+    return urls
+
+
+def vlm_share(concurrency: int, steps: int) -> int:
+    """Requests one recognition step keeps in flight to each server: the server's bound
+    (OCR_ASSETS_VLM_CONCURRENCY) split between the ``steps`` that may run at once (the `vlm` pool's
+    limit), so together they never pass it; at least 1."""
+    return max(1, int(concurrency) // max(1, int(steps)))
+
+
+def executor() -> str:
+    """How a run's steps execute (OCR_ASSETS_EXECUTOR): multiprocess (one process per step, on the
+    run's machine) or k8s (one Kubernetes pod per step: the layout step's asks for a GPU)."""
+    value = (env(ENV_EXECUTOR) or "multiprocess").lower()
+    if value not in EXECUTORS:
+        raise ValueError(f"{ENV_EXECUTOR}={value!r} must be one of {', '.join(EXECUTORS)}")
+    return value

@@ -110,15 +110,12 @@ class LayoutResource(dg.ConfigurableResource):
         name = check_settings(self.settings())
         config.orientation_enabled(), config.deskew_enabled()  # a bad on/off value names its variable
         config.layout_worker_mode(), config.layout_gpu_memory()
-        if name == "pp-doclayout-v3":
-            from ocr_assets.backends.layout.pp_doclayout_v3 import resolve_device, resolve_dtype
-
+        if name == "pp-doclayout-v3":  # the device itself is looked for where layout runs, not here
             if not self.model:
                 raise ValueError(f"{config.ENV_LAYOUT_BACKEND}=pp-doclayout-v3 needs {config.ENV_LAYOUT_MODEL}")
             path = Path(self.model).expanduser()
             if (path.is_absolute() or self.model.startswith((".", "~"))) and not (path / "config.json").is_file():
                 raise ValueError(f"{config.ENV_LAYOUT_MODEL}={self.model!r}: no config.json in that folder")
-            resolve_dtype(self.dtype, resolve_device(self.device))
 
     def settings(self) -> dict:
         """The layout settings (``backends.layout.SETTINGS``): what the stage, here or in a worker, runs with."""
@@ -138,10 +135,15 @@ class RecognizerResource(dg.ConfigurableResource):
 
     kind: str | None = Field(default=None, description="local or openai; unset = openai when a VLM URL is set.")
     threads: int = Field(default=0, description="CPU threads for the local recognizer; 0 = all cores.")
-    vlm_base_url: str | None = Field(default=None, description="OpenAI-compatible server, e.g. http://host:8000/v1.")
+    vlm_base_url: str | None = Field(
+        default=None, description="OpenAI-compatible server(s), e.g. http://host:8000/v1; several comma-separated "
+                                  "are balanced (least loaded first, a server that stops answering is taken out).")
     vlm_model: str = Field(default="glm-ocr", description="Served model name.")
     vlm_api_key: str | None = Field(default=None, description="API key of the server (from the environment only).")
-    vlm_concurrency: int = Field(default=64, description="Most requests in flight at once.")
+    vlm_concurrency: int = Field(
+        default=config.DEFAULT_VLM_CONCURRENCY,
+        description="Most requests in flight to each server, over all recognition steps at once (each step takes "
+                    "1/limit of it, the limit of the `vlm` pool); size it against the server's --max-num-seqs.")
     vlm_timeout: float = Field(default=120.0, description="Seconds to wait for one answer before retrying.")
     vlm_max_attempts: int = Field(default=5, description="Attempts per region (429, 5xx, timeouts, bad answers).")
     vlm_verify_tls: bool = Field(default=True, description="Verify the server's TLS certificate (https URLs).")
@@ -182,8 +184,9 @@ class RecognizerResource(dg.ConfigurableResource):
     def kind_name(self) -> str:
         return resolve_recognizer(self.kind, self.vlm_base_url or self.vlm_serve_model)
 
-    def load(self) -> tuple[Recognizer, float]:
+    def load(self, steps: int = 1) -> tuple[Recognizer, float]:
         """The recognizer, loaded once per process; returns (recognizer, seconds spent loading now).
+        ``steps``: the recognition steps that may run at once, which share each server's bound.
 
         With ``vlm_serve_model``, a vLLM server is started first (its start-up counts as loading)
         and stopped when the step ends.
@@ -194,10 +197,10 @@ class RecognizerResource(dg.ConfigurableResource):
         if name == "openai" and self.vlm_serve_model:
             start = time.perf_counter()
             base_url = self._start_vllm()
-            recognizer = create_recognizer(name, **self._vlm_options(base_url))
+            recognizer = create_recognizer(name, **self._vlm_options(base_url, steps))
             return recognizer, time.perf_counter() - start
         if name == "openai":
-            options = self._vlm_options(base_url)
+            options = self._vlm_options(base_url, steps)
         key = ("recognizer", name, self.threads, json.dumps(options, sort_keys=True, default=str))
         return load_once(key, lambda: create_recognizer(name, threads=self.threads or None, **options))
 
@@ -209,10 +212,10 @@ class RecognizerResource(dg.ConfigurableResource):
             return create_recognizer(name, probe=False, **options)
         return create_recognizer(name, threads=self.threads or None)
 
-    def _vlm_options(self, base_url: str | None) -> dict[str, Any]:
+    def _vlm_options(self, base_url: str | None, steps: int = 1) -> dict[str, Any]:
         return {
             "base_url": base_url, "model": self.vlm_model, "api_key": self.vlm_api_key,
-            "concurrency": self.vlm_concurrency, "timeout": self.vlm_timeout,
+            "concurrency": config.vlm_share(self.vlm_concurrency, steps), "timeout": self.vlm_timeout,
             "max_attempts": self.vlm_max_attempts, "verify_tls": self.vlm_verify_tls, "logprobs": self.vlm_logprobs,
             "prompts": config.parse_json_object("vlm_prompts", self.vlm_prompts),
             "max_tokens": config.parse_json_object("vlm_max_tokens", self.vlm_max_tokens),
@@ -263,6 +266,6 @@ def resources_from_env() -> dict[str, dg.ConfigurableResource]:
             vlm_base_url=_from_env(config.ENV_VLM_BASE_URL),
             vlm_model=_from_env(config.ENV_VLM_MODEL, "glm-ocr"),
             vlm_api_key=_from_env(config.ENV_VLM_API_KEY),
-            vlm_concurrency=dg.EnvVar.int(config.ENV_VLM_CONCURRENCY) if concurrency else 64,
+            vlm_concurrency=dg.EnvVar.int(config.ENV_VLM_CONCURRENCY) if concurrency else config.DEFAULT_VLM_CONCURRENCY,
         ),
     }

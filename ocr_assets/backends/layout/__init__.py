@@ -75,10 +75,25 @@ def check_settings(settings: dict) -> str:
     if name not in LAYOUT_BACKENDS:
         raise ValueError(f"{ENV_LAYOUT_BACKEND}={name!r} is not a layout backend; choose one of "
                          f"{', '.join(LAYOUT_BACKENDS)}")
+    check_device(settings.get("device"))
+    dtype = (settings.get("dtype") or "auto").strip().lower()
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"{config.ENV_LAYOUT_DTYPE}={settings.get('dtype')!r} is not one of auto, float32, "
+                         f"bfloat16, float16")
     parse_label_tasks(settings.get("label_tasks"))
     for option in ("threshold_by_label", "merge_modes"):
         config.parse_json_object(option, settings.get(option))
     return name
+
+
+def check_device(device: str | None) -> str:
+    """The device setting's spelling (auto, cpu, cuda, cuda:N), checked without torch and without
+    looking for a GPU: a step that does not run layout (a CPU pod on Kubernetes) must not need one."""
+    name = (device or "auto").strip().lower()
+    kind, _, index = name.partition(":")
+    if name in ("auto", "cpu", "cuda") or (kind == "cuda" and index.isdigit()):
+        return name
+    raise ValueError(f"{config.ENV_DEVICE}={device!r} is not a device: use auto, cpu, cuda or cuda:N")
 
 
 def load_layout_backend(settings: dict, device: str | None = None) -> tuple[LayoutBackend, float]:
