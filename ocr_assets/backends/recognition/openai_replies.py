@@ -12,6 +12,21 @@ from datetime import timezone
 from ocr_assets import config
 
 
+def _percentile(ordered: list[float], p: float) -> float:
+    return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))], 4) if ordered else 0.0
+
+
+@dataclass
+class ServerStats:
+    """What the requests to one server of the fleet cost."""
+
+    requests: int = 0
+    errors: int = 0  # failed attempts on it (no answer, or one that is retried or refused)
+    latencies: list[float] = field(default_factory=list)
+    peak_in_flight: int = 0
+    taken_out: int = 0  # times it stopped answering and was taken out of service
+
+
 @dataclass
 class VlmStats:
     """What the requests cost: the recognition asset's metadata."""
@@ -26,22 +41,28 @@ class VlmStats:
     peak_in_flight: int = 0
     started: float = 0.0
     finished: float = 0.0
+    servers: list[ServerStats] = field(default_factory=list)  # one per configured server, in order
 
     def metadata(self) -> dict[str, float | int]:
         lat = sorted(self.latencies)
-
-        def pct(p: float) -> float:
-            return round(lat[min(len(lat) - 1, int(p * len(lat)))], 4) if lat else 0.0
-
         wall = max(self.finished - self.started, 1e-9)
         out: dict[str, float | int] = {
             "requests": self.requests, "retries": self.retries, "tokens_in": self.tokens_in,
-            "tokens_out": self.tokens_out, "latency_p50_seconds": pct(0.5), "latency_p95_seconds": pct(0.95),
+            "tokens_out": self.tokens_out, "latency_p50_seconds": _percentile(lat, 0.5),
+            "latency_p95_seconds": _percentile(lat, 0.95),
             "latency_max_seconds": round(lat[-1], 4) if lat else 0.0,
             "requests_per_second": round(self.requests / wall, 2) if self.requests else 0.0,
             "peak_in_flight": self.peak_in_flight,
         }
         out.update({f"errors_{kind}": n for kind, n in sorted(self.errors.items())})
+        out["servers"] = len(self.servers)
+        for i, server in enumerate(self.servers):
+            lat = sorted(server.latencies)
+            out.update({f"server_{i}_requests": server.requests, f"server_{i}_errors": server.errors,
+                        f"server_{i}_latency_p50_seconds": _percentile(lat, 0.5),
+                        f"server_{i}_latency_p95_seconds": _percentile(lat, 0.95),
+                        f"server_{i}_peak_in_flight": server.peak_in_flight,
+                        f"server_{i}_taken_out": server.taken_out})
         return out
 
 

@@ -5,15 +5,21 @@ all of them on one event loop: the client's CPU per request bounds how many requ
 process keeps in flight (``bench/vlm.py`` measures it against the GLM-OCR SDK's client).
 
 Each crop is one request: the crop's JPEG bytes (already resized by the crops stage) in a
-base64 data URL, then the task's prompt; temperature 0 and a ``max_tokens`` per task. At most
-``concurrency`` requests are in flight; the next crop is pulled from the stage as soon as one
-finishes, so the server stays full without a burst it cannot queue. 429, 5xx, connection
-errors, read timeouts (the server silent for ``timeout`` seconds) and malformed answers are
-retried with exponential backoff and jitter, honouring a well-formed ``Retry-After``; a crop
-that still fails, or that hits anything unexpected, gets the reason, and the others go on. An
-answer cut at ``max_tokens`` or caught in a repetition loop is flagged, not kept as text.
-When the caller stops reading (the step is interrupted or failed), the requests in flight are
-cancelled at once.
+base64 data URL, then the task's prompt; temperature 0 and a ``max_tokens`` per task.
+
+``base_url`` names one server or several (``OCR_ASSETS_VLM_BASE_URL``, comma-separated): each gets
+at most ``concurrency`` of this recognizer's requests at once, retries included, and a request
+goes to the in-service server with the fewest in flight (``vlm_fleet``). The next crop is pulled
+from the stage as soon as a request finishes, so the servers stay full without a burst they
+cannot queue. A server that stops answering (refused, reset, silent: two such failures in a row,
+or one refused connection) is taken out of service and probed until it answers again; its
+requests are retried on the others at once. 429, 5xx, connection errors, read timeouts (the
+server silent for ``timeout`` seconds) and malformed answers are retried, on another server where
+one is in service, with exponential backoff and jitter, honouring a well-formed ``Retry-After``;
+with no server in service a request waits for one up to ``timeout`` seconds. A crop that still
+fails, or that hits anything unexpected, gets the reason, and the others go on. An answer cut at
+``max_tokens`` or caught in a repetition loop is flagged, not kept as text. When the caller stops
+reading (the step is interrupted or failed), the requests in flight are cancelled at once.
 
 Each request asks for ``logprobs`` (unless ``logprobs=False``: the resource's ``vlm_logprobs``);
 a region's confidence is exp of the mean log-probability of the answer's tokens (see
@@ -32,19 +38,17 @@ import dataclasses
 import json
 import queue
 import random
-import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 
 import aiohttp
 
 from ocr_assets import config
 from ocr_assets.backends.recognition.base import Crop, Recognized, content_key
-from ocr_assets.backends.recognition.openai_replies import (VlmStats, http_reason, repetition_loop,
+from ocr_assets.backends.recognition.openai_replies import (ServerStats, VlmStats, http_reason, repetition_loop,
                                                            retry_after_seconds, token_confidence)
+from ocr_assets.backends.recognition.vlm_fleet import VlmFleet, channel_failure, check_servers
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 # Bumped when the way an answer becomes a region's text changes: cached answers are then read again.
@@ -81,7 +85,7 @@ class OpenAIRecognizer:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         *,
         model: str = "glm-ocr",
         api_key: str | None = None,
@@ -95,16 +99,23 @@ class OpenAIRecognizer:
         verify_tls: bool = True,
         logprobs: bool = True,
         probe: bool = True,
+        probe_interval: float = 1.0,
+        probe_interval_max: float = 30.0,
     ) -> None:
-        if not base_url:
+        """``base_url``: one URL, several comma-separated, or a list; ``concurrency``: the most requests
+        this recognizer keeps in flight to each server. A server out of service is probed at once, then
+        after ``probe_interval`` seconds, doubling up to ``probe_interval_max``."""
+        urls = config.vlm_base_urls(base_url if isinstance(base_url, str) else ",".join(base_url or ()))
+        if not urls:
             raise ValueError(f"the openai recognizer needs {config.ENV_VLM_BASE_URL}, e.g. http://localhost:8000/v1")
         if concurrency < 1:
             raise ValueError(f"{config.ENV_VLM_CONCURRENCY}={concurrency}: at least 1 request must be in flight")
-        self.base_url = base_url.rstrip("/")
+        self.base_urls: list[str] = urls
+        self.base_url = ",".join(urls)
         self.model = model
         self.api_key = api_key
         self.concurrency = int(concurrency)
-        self.batch_size = self.concurrency
+        self.batch_size = self.concurrency * len(urls)
         self.prompts = {**config.TASK_PROMPTS, **(prompts or {})}
         self.max_tokens = {**config.TASK_MAX_TOKENS, **(max_tokens or {})}
         self.timeout = float(timeout)
@@ -112,10 +123,11 @@ class OpenAIRecognizer:
         self.backoff_base, self.backoff_max = float(backoff_base), float(backoff_max)
         self.verify_tls = bool(verify_tls)
         self.version = f"openai-client/{ANSWER_FORMAT}"
-        self._url = f"{self.base_url}/chat/completions"
         self.logprobs = bool(logprobs)  # as configured: part of the cache key
         self.ask_logprobs = self.logprobs  # turned off when the server refuses the parameter
-        self.stats = VlmStats()
+        self.fleet = VlmFleet(urls, self.concurrency, probe_interval=probe_interval,
+                              probe_interval_max=probe_interval_max)
+        self.stats = self._new_stats()
         if probe:
             self.probe()
 
@@ -127,52 +139,28 @@ class OpenAIRecognizer:
         return content_key(crop.image, self.name, self.version, self.model, prompt, "temperature=0",
                            f"max_tokens={self.max_tokens.get(crop.task, 8192)}", f"logprobs={self.logprobs}")
 
-    def run_metadata(self) -> dict[str, int | float]:
-        return self.stats.metadata()
+    def run_metadata(self) -> dict[str, int | float | str]:
+        """The last stream's figures, with each server's (``server_<i>_*``, i as in ``vlm_servers``)."""
+        meta: dict[str, int | float | str] = dict(self.stats.metadata())
+        meta["servers_in_service"] = len(self.fleet.in_service())
+        meta["vlm_servers"] = self.fleet.describe()
+        return meta
 
-    # -- the server --
+    def _new_stats(self) -> VlmStats:
+        return VlmStats(servers=[ServerStats() for _ in self.base_urls])
+
+    # -- the servers --
 
     def probe(self) -> None:
-        """Fail fast, before any crop is sent, when the server is down or does not serve the model."""
-        request = urllib.request.Request(f"{self.base_url}/models")
-        if self.api_key:
-            request.add_header("Authorization", f"Bearer {self.api_key}")
-        context = None
-        if not self.verify_tls:  # turned off on purpose (vlm_verify_tls): a self-signed server
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        try:
-            with urllib.request.urlopen(request, timeout=min(self.timeout, 15.0), context=context) as response:
-                status, body = response.status, response.read()
-        except urllib.error.HTTPError as exc:
-            status, body = exc.code, b""
-        except (urllib.error.URLError, OSError) as exc:
-            raise ConnectionError(
-                f"the VLM server at {config.ENV_VLM_BASE_URL}={self.base_url} does not answer "
-                f"({type(exc).__name__}: {exc}); start it or point {config.ENV_VLM_BASE_URL} at a running one"
-            ) from exc
-        if status in (401, 403):
-            raise PermissionError(
-                f"the VLM server at {self.base_url} refused the key (HTTP {status}); set {config.ENV_VLM_API_KEY}"
-            )
-        if status != 200:
-            raise ConnectionError(
-                f"the VLM server at {config.ENV_VLM_BASE_URL}={self.base_url} answered GET /models with "
-                f"HTTP {status}; is it an OpenAI-compatible server (base URL ending in /v1)?"
-            )
-        try:
-            served = [m.get("id") for m in json.loads(body).get("data", [])]
-        except (ValueError, AttributeError) as exc:
-            raise ConnectionError(f"GET {self.base_url}/models did not return the model list") from exc
-        if served and self.model not in served:
-            raise ValueError(
-                f"{config.ENV_VLM_MODEL}={self.model!r} is not served at {self.base_url}; it serves {served}"
-            )
+        """Fail fast, before any crop is sent, when no server answers or the configuration is wrong
+        (a refused key, a model not served); servers that are only down start out of service."""
+        self.fleet.set_in_service(check_servers(self.base_urls, model=self.model, api_key=self.api_key,
+                                                verify_tls=self.verify_tls, timeout=self.timeout))
 
     def _session(self) -> aiohttp.ClientSession:
-        """One HTTP session holding up to ``concurrency`` keep-alive connections."""
-        connector = aiohttp.TCPConnector(limit=self.concurrency, ssl=None if self.verify_tls else False)
+        """One HTTP session holding up to ``concurrency`` keep-alive connections per server (and the probes')."""
+        servers = len(self.base_urls)
+        connector = aiohttp.TCPConnector(limit=self.batch_size + servers, ssl=None if self.verify_tls else False)
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key or 'none'}"}
         # A read timeout, not a total: a long answer that keeps arriving, or a wait for a free
         # connection, is not a server that stopped answering.
@@ -192,7 +180,7 @@ class OpenAIRecognizer:
         interruption unwinds it), the requests in flight are cancelled and this returns within
         about a second instead of waiting for their retries.
         """
-        self.stats = VlmStats()
+        self.stats = self._new_stats()
         answers: queue.Queue = queue.Queue()
         stop = threading.Event()  # the caller stopped reading: cancel what is in flight, send nothing more
 
@@ -223,18 +211,20 @@ class OpenAIRecognizer:
 
     async def _run(self, items: Iterable[tuple[int, Crop]], answers: queue.Queue, stop: threading.Event) -> None:
         session = self._session()
-        slots = asyncio.Semaphore(self.concurrency)
+        # crops being read, waiting for a slot or a retry included: memory bounded by a batch
+        admitted = asyncio.Semaphore(self.batch_size)
         tasks: set[asyncio.Task] = set()  # in flight; _answer turns every failure into a result
         watcher = asyncio.create_task(_cancel_on_stop(stop, asyncio.current_task()))
         self.stats.started = self.stats.started or time.perf_counter()
+        self.fleet.start(session, probe_timeout=min(self.timeout, 10.0))
         try:
             for key, crop in items:
                 await asyncio.sleep(0)  # the stop watcher and finished requests run between crops
-                await slots.acquire()
+                await admitted.acquire()
                 if stop.is_set():
-                    slots.release()
+                    admitted.release()
                     break
-                task = asyncio.create_task(self._answer(session, key, crop, slots, answers))
+                task = asyncio.create_task(self._answer(session, key, crop, admitted, answers))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             if tasks:
@@ -246,16 +236,17 @@ class OpenAIRecognizer:
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
             self.stats.finished = time.perf_counter()
+            await self.fleet.stop()
             await session.close()
 
-    async def _answer(self, session, key, crop: Crop, slots: asyncio.Semaphore, answers: queue.Queue) -> None:
+    async def _answer(self, session, key, crop: Crop, admitted: asyncio.Semaphore, answers: queue.Queue) -> None:
         try:
             result = await self._read(session, crop)
         except Exception as exc:  # a bug or a surprise in the client fails this region, not the step
             self.stats.errors["unexpected"] += 1
             result = Recognized("", "error", f"the VLM client failed: {type(exc).__name__}: {exc}")
         finally:
-            slots.release()
+            admitted.release()
         answers.put((key, result))
 
     def _request(self, crop: Crop, logprobs: bool) -> dict:
@@ -283,33 +274,44 @@ class OpenAIRecognizer:
             return Recognized("", "error", "empty crop image")
         asked_logprobs = self.ask_logprobs
         body = json.dumps(self._request(crop, asked_logprobs)).encode()
-        stats = self.stats
+        stats, fleet = self.stats, self.fleet
         reason = "no attempt"
-        probe = False  # the next request asks again without logprobs after a 400 (once; no attempt)
+        recheck = False  # the next request asks again without logprobs after a 400 (once; no attempt)
+        failed_on = None  # the server the last attempt failed on: the retry goes to another one
         attempt = -1
-        while attempt + 1 < self.max_attempts or probe:
-            probing, probe = probe, False
-            if not probing:
+        while attempt + 1 < self.max_attempts or recheck:
+            rechecking, recheck = recheck, False
+            if not rechecking:
                 attempt += 1
-                if asked_logprobs != self.ask_logprobs:  # the probe went unanswered, or another request
+                if asked_logprobs != self.ask_logprobs:  # the recheck went unanswered, or another request
                     asked_logprobs = self.ask_logprobs  # found that the server refuses them
                     body = json.dumps(self._request(crop, asked_logprobs)).encode()
                 if attempt:
                     stats.retries += 1
-            retry_after = None
+            server = await fleet.acquire(avoid=failed_on, patience=self.timeout)
+            if server is None:  # the wait was the delay: no backoff after it
+                stats.errors["no_server"] += 1
+                reason = (f"no VLM server in {config.ENV_VLM_BASE_URL} answers (none in service for "
+                          f"{self.timeout:g} s)")
+                continue
+            retry_after = channel = None
+            mine = stats.servers[server.index]
             stats.requests += 1
+            mine.requests += 1
             stats.in_flight += 1
             stats.peak_in_flight = max(stats.peak_in_flight, stats.in_flight)
+            mine.peak_in_flight = max(mine.peak_in_flight, server.in_flight)
             start = time.perf_counter()
             try:
-                async with session.post(self._url, data=body) as response:
+                async with session.post(server.chat_url, data=body) as response:
                     status, headers, content = response.status, response.headers, await response.read()
-                if status == 400 and asked_logprobs and not probing:  # the request, or only its logprobs? ask to see
-                    probe, asked_logprobs = True, False
+                fleet.answered(server)
+                if status == 400 and asked_logprobs and not rechecking:  # the request, or only its logprobs? ask to see
+                    recheck, asked_logprobs = True, False
                     body = json.dumps(self._request(crop, False)).encode()
                     reason = http_reason(status, content)
                     continue
-                if probing:
+                if rechecking:
                     if status == 200 and self.ask_logprobs:  # answered without them: the server refuses them
                         stats.errors["logprobs_refused"] += 1
                         self.ask_logprobs = False
@@ -317,10 +319,13 @@ class OpenAIRecognizer:
                     stats.errors[f"http_{status}"] += 1
                     reason = http_reason(status, content)
                     if status not in RETRY_STATUS:  # the request itself is refused: not an answer, not cached
+                        mine.errors += 1
                         return Recognized("", "error", reason)
                     retry_after = retry_after_seconds(headers)
                 else:
-                    stats.latencies.append(time.perf_counter() - start)
+                    latency = time.perf_counter() - start
+                    stats.latencies.append(latency)
+                    mine.latencies.append(latency)
                     try:
                         result = self._judge(json.loads(content))
                     except UnfinishedAnswer as exc:  # aborted or failed on the server: ask again
@@ -338,18 +343,28 @@ class OpenAIRecognizer:
                         reason = "the VLM server answered without a choice"
             except (asyncio.TimeoutError, TimeoutError) as exc:  # asyncio's and aiohttp's timeouts alike
                 stats.errors["timeout"] += 1
+                channel = exc
                 if isinstance(exc, aiohttp.ConnectionTimeoutError):
                     reason = f"no connection to the VLM server within {min(self.timeout, 30.0):g} s"
                 else:
                     reason = f"the VLM server sent nothing for {self.timeout:g} s (vlm_timeout)"
             except (aiohttp.ClientError, OSError) as exc:  # refused, reset, disconnected, cut mid-answer
                 stats.errors["connection"] += 1
+                channel = exc
                 reason = f"connection to the VLM server failed: {type(exc).__name__}: {exc}"
             except Exception as exc:  # anything else in the client: this attempt failed, try again
                 stats.errors["unexpected"] += 1
                 reason = f"the VLM client failed: {type(exc).__name__}: {exc}"
             finally:
                 stats.in_flight -= 1
+                fleet.release(server)
+            mine.errors += 1
+            failed_on = server
+            if channel is not None and channel_failure(channel):
+                if fleet.failed(server, channel, reason):
+                    mine.taken_out += 1
+                if not server.in_service:  # the others are tried at once (or waited for)
+                    continue
             if attempt + 1 < self.max_attempts:
                 await asyncio.sleep(self._backoff(attempt, retry_after))
         return Recognized("", "error", f"{reason} (after {self.max_attempts} attempts)")
