@@ -50,7 +50,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="start a warm worker on every GPU (the CPU where there is none) with the current settings")
     action.add_argument("--stop", action="store_true", help="stop every worker after its current shard")
 
+    vllm = sub.add_parser(
+        "vllm-servers", help="list, start or stop this host's managed vLLM servers (one per GPU)",
+        description="The vLLM servers that recognition steps with a vlm_serve_model start and share: one per GPU, "
+                    "the i-th on OCR_ASSETS_VLM_SERVE_PORT + i. They keep running after the steps, until stopped "
+                    "here; a server a running step uses is not stopped without --force.")
+    vllm_action = vllm.add_mutually_exclusive_group()
+    vllm_action.add_argument("--start", action="store_true",
+                             help="start the servers not running yet, with OCR_ASSETS_VLM_SERVE_MODEL, _PORT, "
+                                  "_GPU_MEMORY and OCR_ASSETS_VLM_MODEL (the served name), and print the "
+                                  "OCR_ASSETS_VLM_BASE_URL to use")
+    vllm_action.add_argument("--stop", action="store_true", help="stop every server no running step uses")
+    vllm.add_argument("--force", action="store_true", help="with --stop: stop the servers steps use too")
+
     args = parser.parse_args(argv)
+    if args.command == "vllm-servers":
+        if args.force and not args.stop:
+            parser.error("--force goes with --stop")
+        return vllm_servers(start=args.start, stop=args.stop, force=args.force)
     if args.command == "layout-workers":
         return layout_workers(start=args.start, stop=args.stop)
     if args.command == "prune-cache":
@@ -103,6 +120,37 @@ def layout_workers(start: bool = False, stop: bool = False) -> int:
         health = info["health"]
         print(f"{info['slot']}: pid {info['pid']} on {info['device']}, port {info['port']}, "
               f"{'busy' if health['busy'] else 'idle ' + str(health['idle_seconds']) + ' s'}, {health['jobs']} shard(s)")
+    return 0
+
+
+def vllm_servers(start: bool = False, stop: bool = False, force: bool = False) -> int:
+    """Print this host's managed vLLM servers; with ``start``/``stop``, start or stop them first."""
+    from ocr_assets import config, vllm_server
+
+    try:
+        if stop:
+            stopped, busy = vllm_server.stop_servers(force=force)
+            for info in stopped:
+                print(f"stopped the vLLM server for GPU {info['slot']} (pid {info['pid']}, port {info['port']})")
+            for info in busy:
+                what = "is being started" if info.get("starting") else "is used by a running step"
+                print(f"error: the vLLM server for GPU {info['slot']} {what}: not stopped (--force stops it anyway)",
+                      file=sys.stderr)
+            if busy:
+                return 1
+        if start:
+            urls = vllm_server.ensure_servers(vllm_server.settings_from_env())
+            print(f"{config.ENV_VLM_BASE_URL}={','.join(urls)}")
+    except (ValueError, RuntimeError, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    found = vllm_server.list_servers()
+    if not found:
+        print(f"no managed vLLM servers run on this host (folder {vllm_server.registration('x').parent})")
+    for info in found:
+        print(f"GPU {info['slot']}: pid {info['pid']}, port {info['port']}, {info['model']} as "
+              f"{info['served_name']!r}, {'healthy' if info['healthy'] else 'NOT answering'}, "
+              f"{'in use' if info['in_use'] else 'idle'}; log {info['log']}")
     return 0
 
 

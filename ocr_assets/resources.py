@@ -25,7 +25,7 @@ from ocr_assets.backends.recognition import RECOGNIZERS, Recognizer, create_reco
 from ocr_assets.sources import Shard, ShardRef, list_shards, open_shard, source_row_count
 from ocr_assets.storage import ParquetStore
 
-_managed_servers: list = []  # vLLM servers started by this process's recognition step
+_vllm_uses: list = []  # this process's holds on the managed vLLM servers (vllm_server.ServerUse)
 
 
 class DatasetResource(dg.ConfigurableResource):
@@ -155,10 +155,12 @@ class RecognizerResource(dg.ConfigurableResource):
     vlm_max_tokens: str | None = Field(default=None, description='JSON object task → max_tokens, e.g. {"text": 4096}.')
     cache: bool = Field(default=True, description="Reuse answers stored next to the outputs (never pay twice).")
     vlm_serve_model: str | None = Field(
-        default=None, description="Start `vllm serve` with this model for the recognition step and stop it after."
-    )
-    vlm_serve_port: int = Field(default=8000, description="Port of the managed vLLM server.")
-    vlm_serve_gpu_memory: float = Field(default=0.7, description="GPU memory share of the managed vLLM server.")
+        default=None, description="Serve this model with one `vllm serve` per GPU of the host, started by the first "
+                                  "step that needs it and shared by every step; the servers keep running after the "
+                                  "steps, until `ocr-assets vllm-servers --stop`.")
+    vlm_serve_port: int = Field(default=8000, description="Port of the first GPU's managed vLLM server; "
+                                                          "GPU i's listens on port + i.")
+    vlm_serve_gpu_memory: float = Field(default=0.7, description="GPU memory share of each managed vLLM server.")
     vlm_serve_flags: str | None = Field(
         default=None, description="Flags for `vllm serve`, replacing the defaults (the throughput flags)."
     )
@@ -171,7 +173,11 @@ class RecognizerResource(dg.ConfigurableResource):
         if name not in RECOGNIZERS:
             raise ValueError(f"{config.ENV_RECOGNIZER}={name!r} is not a recognizer; choose one of "
                              f"{', '.join(RECOGNIZERS)}")
-        if name == "openai" and not self.vlm_serve_model:
+        if name == "openai" and self.vlm_serve_model:  # the servers start with the step, not here
+            from ocr_assets.vllm_server import require_vllm
+
+            require_vllm()
+        elif name == "openai":
             from ocr_assets.backends.recognition.openai_vlm import OpenAIRecognizer
 
             options = self._vlm_options(self.vlm_base_url)
@@ -188,15 +194,16 @@ class RecognizerResource(dg.ConfigurableResource):
         """The recognizer, loaded once per process; returns (recognizer, seconds spent loading now).
         ``steps``: the recognition steps that may run at once, which share each server's bound.
 
-        With ``vlm_serve_model``, a vLLM server is started first (its start-up counts as loading)
-        and stopped when the step ends.
+        With ``vlm_serve_model``, the host's managed vLLM servers (one per GPU) are reused, or
+        started when none runs (their start-up counts as loading); the step holds them until it
+        ends, so they are not stopped under it, and leaves them running for the next step.
         """
         name = self.kind_name()
         options: dict[str, Any] = {}
         base_url = self.vlm_base_url
         if name == "openai" and self.vlm_serve_model:
             start = time.perf_counter()
-            base_url = self._start_vllm()
+            base_url = ",".join(self._ensure_vllm())
             recognizer = create_recognizer(name, **self._vlm_options(base_url, steps))
             return recognizer, time.perf_counter() - start
         if name == "openai":
@@ -221,22 +228,21 @@ class RecognizerResource(dg.ConfigurableResource):
             "max_tokens": config.parse_json_object("vlm_max_tokens", self.vlm_max_tokens),
         }
 
-    def _start_vllm(self) -> str:
-        from ocr_assets.vllm_server import DEFAULT_FLAGS, ManagedVllm, VllmSettings
+    def _ensure_vllm(self) -> list[str]:
+        """The managed servers' URLs, held by this process until ``teardown_after_execution``."""
+        from ocr_assets.vllm_server import DEFAULT_FLAGS, ServerUse, VllmSettings, ensure_servers
 
         flags = tuple(shlex.split(self.vlm_serve_flags)) if self.vlm_serve_flags else DEFAULT_FLAGS
-        server = ManagedVllm(VllmSettings(
-            self.vlm_serve_model, served_name=self.vlm_model, port=self.vlm_serve_port,
-            gpu_memory_utilization=self.vlm_serve_gpu_memory, flags=flags,
-        ))
-        base_url = server.start()  # stops what it started if it cannot get healthy
-        _managed_servers.append(server)
-        return base_url
+        settings = VllmSettings(self.vlm_serve_model, served_name=self.vlm_model, port=self.vlm_serve_port,
+                                gpu_memory_utilization=self.vlm_serve_gpu_memory, flags=flags)
+        use = ServerUse()
+        _vllm_uses.append(use)  # released in teardown, whatever happens next
+        return ensure_servers(settings, use=use)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        """Stop a vLLM server this step started."""
-        while _managed_servers:
-            _managed_servers.pop().stop()
+        """Let go of the managed vLLM servers this step used; they keep running for the next step."""
+        while _vllm_uses:
+            _vllm_uses.pop().release()
 
 
 def _from_env(name: str, default: Any = None) -> Any:
@@ -267,5 +273,9 @@ def resources_from_env() -> dict[str, dg.ConfigurableResource]:
             vlm_model=_from_env(config.ENV_VLM_MODEL, "glm-ocr"),
             vlm_api_key=_from_env(config.ENV_VLM_API_KEY),
             vlm_concurrency=dg.EnvVar.int(config.ENV_VLM_CONCURRENCY) if concurrency else config.DEFAULT_VLM_CONCURRENCY,
+            vlm_serve_model=_from_env(config.ENV_VLM_SERVE_MODEL),
+            vlm_serve_port=dg.EnvVar.int(config.ENV_VLM_SERVE_PORT) if config.env(config.ENV_VLM_SERVE_PORT) else 8000,
+            # no float EnvVar in Dagster: the share is read (and checked) here
+            vlm_serve_gpu_memory=config.env_number(config.ENV_VLM_SERVE_GPU_MEMORY, 0.7, float, low=0.01, high=1.0),
         ),
     }

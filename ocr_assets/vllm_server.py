@@ -1,28 +1,53 @@
-"""A vLLM server started and stopped by the pipeline (optional): `vllm serve MODEL` on this machine.
+"""Managed vLLM servers: one ``vllm serve MODEL`` per GPU of this host, shared by every recognition step.
 
-For a one-machine setup where the recognition step should bring its own server: start
-``vllm serve`` with the flags that raised throughput for this workload, wait for ``/health``,
-and stop it when the step ends. The GPU memory share is configurable so the layout model fits
-beside it. In production, run one vLLM service that every recognition step shares instead.
+For a one-machine setup where the pipeline should bring its own servers. The server of the
+host's i-th GPU listens on ``port + i`` with ``CUDA_VISIBLE_DEVICES`` set to that GPU (one
+server, slot ``0``, where there is none), started with the flags that raised throughput for
+this workload and a GPU memory share that leaves room for the layout model.
+
+A server is registered in the host's run folder (``config.run_dir()``, ``vllm-<slot>.json``)
+and started at most once: the step that finds no live server for a GPU starts it, under an
+exclusive lock on ``vllm-<slot>.lock``, while the others wait and then reuse it. A step holds
+a shared lock on ``vllm-<slot>.use`` while its recognizer runs (the kernel drops it if the
+step dies); ``stop_servers`` stops only the servers no step holds.
+
+Servers outlive the steps: they keep their GPU memory until ``ocr-assets vllm-servers --stop``.
+A server started with another model, flags or memory share is never replaced by a step (another
+step may be using it): stop it first.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
+import logging
+import os
 import shutil
+import signal
+import socket
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ocr_assets import config
+from ocr_assets.gpu_lease import WAIT_LOG_SECONDS, _try_lock, holder, physical_ids
+
+log = logging.getLogger("ocr_assets.progress")
 DEFAULT_FLAGS = ("--max-num-batched-tokens", "131072", "--max-num-seqs", "512", "--no-enable-chunked-prefill")
+STOP_COMMAND = "ocr-assets vllm-servers --stop"
+# what a server is started with, and the setting that changes each (named when a server differs)
+IDENTITY = {"model": config.ENV_VLM_SERVE_MODEL, "served_name": config.ENV_VLM_MODEL,
+            "gpu_memory_utilization": config.ENV_VLM_SERVE_GPU_MEMORY, "flags": "the recognizer's vlm_serve_flags"}
+_children: dict[int, subprocess.Popen] = {}  # servers this process started: polled, so none stays a zombie
 
 
 @dataclass
 class VllmSettings:
-    """What to serve and how; ``flags`` replace the defaults when given."""
+    """What to serve and how; ``port`` is the first GPU's server's, ``flags`` replace the defaults when given."""
 
     model: str
     served_name: str = "glm-ocr"
@@ -33,65 +58,344 @@ class VllmSettings:
     executable: str = "vllm"
     startup_timeout: float = 1200.0
 
+    def described(self) -> dict:
+        """The settings that make two servers interchangeable (IDENTITY's keys)."""
+        return {"model": self.model, "served_name": self.served_name,
+                "gpu_memory_utilization": float(self.gpu_memory_utilization), "flags": list(self.flags)}
 
-class ManagedVllm:
-    """One ``vllm serve`` child process: ``start()`` returns its base URL once healthy, ``stop()`` ends it."""
+    def identity(self) -> str:
+        return hashlib.sha256(json.dumps(self.described(), sort_keys=True).encode()).hexdigest()[:16]
 
-    def __init__(self, settings: VllmSettings) -> None:
-        self.settings = settings
-        self.process: subprocess.Popen | None = None
-        self.log = Path(tempfile.mkdtemp(prefix="vllm-")) / "vllm.log"
 
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.settings.host}:{self.settings.port}/v1"
+def settings_from_env() -> VllmSettings:
+    """The servers' settings from OCR_ASSETS_VLM_SERVE_MODEL, _PORT (8000), _GPU_MEMORY (0.7) and
+    OCR_ASSETS_VLM_MODEL (the served name), as the recognition steps read them."""
+    model = config.env(config.ENV_VLM_SERVE_MODEL)
+    if not model:
+        raise ValueError(f"set {config.ENV_VLM_SERVE_MODEL} to the model the vLLM servers serve, e.g. zai-org/GLM-OCR")
+    return VllmSettings(
+        model, served_name=config.env(config.ENV_VLM_MODEL) or "glm-ocr",
+        port=config.env_number(config.ENV_VLM_SERVE_PORT, 8000, int, low=1, high=65535),
+        gpu_memory_utilization=config.env_number(config.ENV_VLM_SERVE_GPU_MEMORY, 0.7, float, low=0.01, high=1.0),
+    )
 
-    def command(self) -> list[str]:
-        s = self.settings
-        executable = shutil.which(s.executable)
-        if executable is None:
-            raise RuntimeError(
-                f"vLLM is not installed here ({s.executable!r} is not on PATH): install it "
-                f"(`pip install vllm`) or unset the recognizer's vlm_serve_model and point "
-                f"OCR_ASSETS_VLM_BASE_URL at a running server"
-            )
-        return [executable, "serve", s.model, "--served-model-name", s.served_name, "--host", s.host,
-                "--port", str(s.port), "--gpu-memory-utilization", str(s.gpu_memory_utilization), *s.flags]
 
-    def start(self) -> str:
-        """Start the server and wait until ``/health`` answers; raises with the log's tail if it dies."""
-        command = self.command()
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        health = f"http://{self.settings.host}:{self.settings.port}/health"
-        deadline = time.monotonic() + self.settings.startup_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with code {self.process.returncode} while starting: "
-                                   f"{self._tail()}")
+def require_vllm(executable: str = "vllm") -> str:
+    """The path of ``vllm``, or a RuntimeError saying what to do."""
+    found = shutil.which(executable)
+    if found is None:
+        raise RuntimeError(
+            f"vLLM is not installed here ({executable!r} is not on PATH): install it (`pip install vllm`) "
+            f"or unset the recognizer's vlm_serve_model ({config.ENV_VLM_SERVE_MODEL}) and point "
+            f"{config.ENV_VLM_BASE_URL} at running servers"
+        )
+    return found
+
+
+def registration(slot: str) -> Path:
+    return config.run_dir() / f"vllm-{slot}.json"
+
+
+def start_lock(slot: str) -> Path:
+    return config.run_dir() / f"vllm-{slot}.lock"
+
+
+def use_lock(slot: str) -> Path:
+    return config.run_dir() / f"vllm-{slot}.use"
+
+
+def log_path(slot: str) -> Path:
+    return config.run_dir() / f"vllm-{slot}.log"
+
+
+def gpu_count() -> int:
+    """CUDA devices this process sees (0 without torch or CUDA)."""
+    try:
+        from ocr_assets.gpu_lease import cuda_count
+
+        return cuda_count()
+    except ImportError:
+        return 0
+
+
+def devices(count: int) -> list[tuple[str, str | None]]:
+    """(slot, CUDA_VISIBLE_DEVICES value) per server: one per GPU, in this process's order; ("0", None)
+    without one (the server's environment is left as it is)."""
+    if count < 1:
+        return [("0", None)]
+    visible = [v.strip() for v in (os.environ.get("CUDA_VISIBLE_DEVICES") or "").split(",") if v.strip()]
+    raw = visible[:count] if len(visible) >= count else [str(i) for i in range(count)]
+    return list(zip(physical_ids(count), raw))
+
+
+class ServerUse:
+    """A step's shared holds on the servers' use locks: while held, ``stop_servers`` leaves them running."""
+
+    def __init__(self) -> None:
+        self._fds: list[int] = []
+
+    def release(self) -> None:
+        while self._fds:
+            os.close(self._fds.pop())  # closing the descriptor drops the shared flock
+
+
+def ensure_servers(settings: VllmSettings, gpus: int | None = None, use: ServerUse | None = None) -> list[str]:
+    """The base URLs of this host's servers, one per GPU in this process's order, each a live
+    registered one with these settings or one started now and waited for.
+
+    ``gpus``: the GPU count (None = the CUDA devices this process sees). ``use``: takes each
+    server's shared use lock (held until ``use.release()``). Raises ValueError where a server
+    runs with other settings, RuntimeError where the port is taken or a server cannot start.
+    """
+    count = gpu_count() if gpus is None else gpus
+    taken: list[int] = []
+    urls = []
+    try:
+        for index, (slot, visible) in enumerate(devices(count)):
+            fd = _hold(start_lock(slot), f"the vLLM server for GPU {slot}")
             try:
-                with urllib.request.urlopen(health, timeout=5) as response:
-                    if response.status == 200:
-                        return self.base_url
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(1.0)
-        self.stop()
-        raise TimeoutError(f"vllm serve did not become healthy within {self.settings.startup_timeout:g} s: "
-                           f"{self._tail()}")
+                info = _ready_server(settings, slot, visible, settings.port + index)
+                if use is not None:
+                    taken.append(_share(use_lock(slot)))  # under the start lock: no stop can come between
+            finally:
+                os.close(fd)
+            urls.append(f"http://{info['host']}:{info['port']}/v1")
+    except BaseException:
+        for fd in taken:
+            os.close(fd)
+        raise
+    if use is not None:
+        use._fds.extend(taken)
+    return urls
 
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+
+def _ready_server(settings: VllmSettings, slot: str, visible: str | None, port: int) -> dict:
+    """The live server of ``slot`` (checked against ``settings``), else one started now; under its start lock."""
+    info = _registered(slot)
+    if info is not None and _running(info):
+        _check_identity(info, settings, slot)
+        if _serves(info):
+            return info
+        raise RuntimeError(
+            f"the vLLM server for GPU {slot} (pid {info['pid']}, port {info['port']}) runs but does not answer "
+            f"/health or does not serve {info['served_name']!r}: {_tail(slot)}; `{STOP_COMMAND} --force` stops it")
+    if _listening(settings.host, port):
+        raise RuntimeError(
+            f"port {port} on {settings.host} is taken by a process that is not this host's registered vLLM server "
+            f"for GPU {slot}: set {config.ENV_VLM_SERVE_PORT} (the first GPU's port; GPU i gets port + i) to "
+            f"free ports, or stop what listens there")
+    return _start(settings, slot, visible, port)
+
+
+def _check_identity(info: dict, settings: VllmSettings, slot: str) -> None:
+    if info.get("identity") == settings.identity():
+        return
+    wanted, running = settings.described(), info.get("settings", {})
+    differ = [f"{IDENTITY[k]} ({running.get(k)!r} running, {wanted[k]!r} asked)" for k in IDENTITY
+              if running.get(k) != wanted[k]] or ["its settings"]
+    raise ValueError(
+        f"the vLLM server for GPU {slot} (pid {info['pid']}, port {info['port']}) runs with other settings: "
+        f"{'; '.join(differ)}. Set them as it runs, or stop it with `{STOP_COMMAND}` once no step uses it")
+
+
+def _start(settings: VllmSettings, slot: str, visible: str | None, port: int) -> dict:
+    """Start the server of ``slot`` in its own session (it outlives this step), wait for /health, register it."""
+    s = settings
+    command = [require_vllm(s.executable), "serve", s.model, "--served-model-name", s.served_name,
+               "--host", s.host, "--port", str(port), "--gpu-memory-utilization", str(s.gpu_memory_utilization),
+               *s.flags]
+    env = dict(os.environ)
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    config.run_dir().mkdir(parents=True, exist_ok=True)
+    with open(log_path(slot), "ab") as out:
+        out.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+    _children[proc.pid] = proc
+    log.info("starting vLLM (%s) for GPU %s on port %d, pid %d; its log: %s", s.model, slot, port, proc.pid,
+             log_path(slot))
+    info = {"pid": proc.pid, "start": _proc_start(proc.pid), "slot": slot, "host": s.host, "port": port,
+            "model": s.model, "served_name": s.served_name, "identity": s.identity(), "settings": s.described(),
+            "visible": visible, "log": str(log_path(slot)), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    deadline = time.monotonic() + s.startup_timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm serve for GPU {slot} exited with code {proc.returncode} while starting: "
+                               f"{_tail(slot)}")
+        if _serves(info):
+            break
+        if time.monotonic() > deadline:
+            _terminate(info)
+            raise TimeoutError(f"vllm serve for GPU {slot} did not answer /health within {s.startup_timeout:g} s "
+                               f"(stopped): {_tail(slot)}")
+        time.sleep(0.5)
+    tmp = registration(slot).with_suffix(".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(registration(slot))
+    return info
+
+
+def list_servers() -> list[dict]:
+    """This host's running registered servers: each registration with ``healthy`` (answers /health and
+    serves its model) and ``in_use`` (a step holds it)."""
+    found = []
+    for path in sorted(config.run_dir().glob("vllm-*.json")):
+        info = _registered(path.stem.removeprefix("vllm-"))
+        if info is None or not _running(info):
+            continue
+        fd = _try_lock(use_lock(info["slot"]))
+        if fd is not None:
+            os.close(fd)
+        found.append({**info, "healthy": _serves(info), "in_use": fd is None})
+    return found
+
+
+def stop_servers(force: bool = False, wait: float = 60.0) -> tuple[list[dict], list[dict]]:
+    """Stop this host's servers that no step uses (every one with ``force``): SIGTERM to the
+    server's process group, SIGKILL after ``wait`` s. Returns (stopped, left running because in use)."""
+    stopped, busy = [], []
+    for path in sorted(config.run_dir().glob("vllm-*.json")):
+        slot = path.stem.removeprefix("vllm-")
+        fd = _hold(start_lock(slot), f"the vLLM server for GPU {slot}", timeout=10.0)
+        if fd is None:  # a step is starting a server for this GPU: stop it once it runs
+            busy.append({"slot": slot, "starting": True, **(_registered(slot) or {})})
+            continue
+        try:
+            info = _registered(slot)
+            if info is None or not _running(info):
+                path.unlink(missing_ok=True)
+                continue
+            use = _try_lock(use_lock(slot))
+            if use is None and not force:
+                busy.append(info)
+                continue
+            try:
+                _terminate(info, wait)
+                path.unlink(missing_ok=True)
+                stopped.append(info)
+            finally:
+                if use is not None:
+                    os.close(use)
+        finally:
+            os.close(fd)
+    return stopped, busy
+
+
+# -- helpers --
+
+def _hold(path: Path, what: str, timeout: float | None = None) -> int | None:
+    """An exclusive lock on ``path``, waiting while another process holds it (None after ``timeout`` s)."""
+    start = last = time.monotonic()
+    while (fd := _try_lock(path)) is None:
+        now = time.monotonic()
+        if timeout is not None and now - start >= timeout:
+            return None
+        if now - last >= WAIT_LOG_SECONDS:
+            last = now
+            log.info("waiting for %s, being started or checked by another process (%s)", what, holder(path))
+        time.sleep(0.1)
+    return fd
+
+
+def _share(path: Path) -> int:
+    """An fd holding a shared flock on ``path`` (waits only while a stop holds it exclusively)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _registered(slot: str) -> dict | None:
+    try:
+        info = json.loads(registration(slot).read_text())
+        return info if isinstance(info, dict) and "pid" in info else None
+    except (OSError, ValueError):
+        return None
+
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (tells a reused pid apart), None without /proc."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _running(info: dict) -> bool:
+    """Whether the registered process still runs (not a zombie, not another process with its pid)."""
+    pid = int(info["pid"])
+    child = _children.get(pid)
+    if child is not None and child.poll() is not None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc: the signal check stands
+    return state != "Z" and (info.get("start") is None or _proc_start(pid) == info["start"])
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+    except (urllib.error.URLError, OSError):
+        return 0, b""
+
+
+def _serves(info: dict) -> bool:
+    """Whether the server answers /health and lists its served model at /v1/models."""
+    base = f"http://{info['host']}:{info['port']}"
+    if _get(f"{base}/health")[0] != 200:
+        return False
+    status, body = _get(f"{base}/v1/models")
+    try:
+        return status == 200 and any(m.get("id") == info["served_name"] for m in json.loads(body)["data"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _listening(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _terminate(info: dict, wait: float = 60.0) -> None:
+    """SIGTERM the server's process group (vLLM's engine processes with it), SIGKILL after ``wait`` s."""
+    pid = int(info["pid"])
+    for sig, patience in ((signal.SIGTERM, wait), (signal.SIGKILL, 10.0)):
+        try:
+            if os.getpgid(pid) == pid:  # started in its own session: the group is the server's
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + patience
+        while _running(info) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not _running(info):
+            _children.pop(pid, None)
             return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+    raise RuntimeError(f"the vLLM server for GPU {info.get('slot')} (pid {pid}) did not stop after SIGKILL")
 
-    def _tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+
+def _tail(slot: str, lines: int = 20) -> str:
+    try:
+        text = log_path(slot).read_text(errors="replace").strip().splitlines()[-lines:]
+    except OSError:
+        return "(no log)"
+    return f"its log {log_path(slot)} ends:\n" + "\n".join(text)
