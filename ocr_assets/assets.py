@@ -105,14 +105,38 @@ COMMON = dict(
     backfill_policy=dg.BackfillPolicy.multi_run(1),
 )
 GPU_POOL = "gpu"
-GPU_LIMIT = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
+# What each step's pod asks of Kubernetes (read by the k8s_job_executor, ignored by other executors):
+# the layout step alone takes a GPU; the others are CPU/IO work, recognition an HTTP client.
+K8S_CONFIG = "dagster-k8s/config"
+GPU_RESOURCE = "nvidia.com/gpu"
+# GPU nodes usually carry this taint (the NVIDIA GPU operator, GKE, EKS) so only GPU pods land there
+GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+
+
+def _pod_tags(cpu: str, memory: str, gpu: bool = False) -> dict:
+    """The op tag giving a step's pod its CPU/memory requests and, with ``gpu``, one GPU and the toleration."""
+    resources: dict = {"requests": {"cpu": cpu, "memory": memory}}
+    pod = {"container_config": {"resources": resources}}
+    if gpu:  # an extended resource: its request must equal its limit
+        resources["requests"][GPU_RESOURCE] = "1"
+        resources["limits"] = {GPU_RESOURCE: "1"}
+        pod["pod_spec_config"] = {"tolerations": [GPU_TOLERATION]}
+    return {K8S_CONFIG: pod}
+
+
+PAGES_POD = _pod_tags("500m", "1Gi")  # reads headers and page boxes, no decoding
+LAYOUT_POD = _pod_tags("4", "8Gi", gpu=True)  # decode threads + a batch of pages fed to the GPU
+CROPS_POD = _pod_tags("2", "4Gi")  # decodes each page once, encodes its crops
+RECOGNITION_POD = _pod_tags("1", "2Gi")  # requests in flight to the vLLM services, answers cached
+DOCUMENTS_POD = _pod_tags("500m", "2Gi")  # joins the Parquet files a batch at a time
 
 
 def _check(name: str, asset: str, description: str, blocking: bool = False) -> dg.AssetCheckSpec:
     return dg.AssetCheckSpec(name, asset=asset, description=description, blocking=blocking)
 
 
-@dg.asset(**COMMON, kinds={"parquet", "python"}, code_version=code_version("pages"), check_specs=[
+@dg.asset(**COMMON, kinds={"parquet", "python"}, code_version=code_version("pages"), op_tags=PAGES_POD,
+          check_specs=[
     _check("every_source_row", "pages", "Every source row of the shard has its pages, and no page lies outside "
            "the shard (blocks the GPU stages).", True),
 ])
@@ -144,7 +168,7 @@ def pages(
 
 
 @dg.asset(**COMMON, kinds={"parquet", "pytorch", "onnx"}, code_version=code_version("layout"), deps=[pages],
-          pool=GPU_POOL, op_tags=GPU_LIMIT, check_specs=[
+          pool=GPU_POOL, op_tags=LAYOUT_POD, check_specs=[
     _check("page_error_rate", "layout", "Pages without a layout (failed in pages or layout), under "
            "OCR_ASSETS_MAX_PAGE_ERROR_RATE (blocks crops, recognition and documents).", True),
 ])
@@ -235,7 +259,8 @@ def _layout_preview(context, store: ParquetStore, shard: Shard, pages_table: pa.
             "preview_uri": dg.MetadataValue.path(uri)}
 
 
-@dg.asset(**COMMON, kinds={"parquet", "opencv"}, code_version=code_version("crops"), deps=[layout])
+@dg.asset(**COMMON, kinds={"parquet", "opencv"}, code_version=code_version("crops"), deps=[layout],
+          op_tags=CROPS_POD)
 def crops(
     context: dg.AssetExecutionContext,
     dataset: DatasetResource,
@@ -258,7 +283,7 @@ def crops(
 
 
 @dg.asset(**COMMON, kinds={"parquet", "onnx"}, code_version=code_version("recognition"), deps=[crops],
-          pool=config.VLM_POOL, check_specs=[
+          pool=config.VLM_POOL, op_tags=RECOGNITION_POD, check_specs=[
     _check("error_rate", "recognition", "Regions whose recognition failed, under OCR_ASSETS_MAX_ERROR_RATE."),
     _check("empty_text_rate", "recognition", "Non-empty crops read as no text, under OCR_ASSETS_MAX_EMPTY_RATE."),
 ])
@@ -313,7 +338,7 @@ def vlm_steps(context: dg.AssetExecutionContext) -> int:
 
 
 @dg.asset(**COMMON, kinds={"parquet", "markdown"}, code_version=code_version("documents"),
-          deps=[pages, layout, recognition], check_specs=[
+          deps=[pages, layout, recognition], op_tags=DOCUMENTS_POD, check_specs=[
     _check("every_source_row", "documents", "One document per source row of the shard, each row once."),
     _check("page_error_rate", "documents", "Documents whose status is error, under OCR_ASSETS_MAX_PAGE_ERROR_RATE."),
     _check("suspect_page_rate", "documents", "Pages read with a confidence below OCR_ASSETS_MIN_PAGE_CONFIDENCE "

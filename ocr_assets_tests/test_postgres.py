@@ -115,11 +115,3 @@ def test_deploy_postgres_config_runs_against_the_server(postgres_url, small_data
                                            "storage": StorageResource(root=str(tmp_path / "out")),
                                            "layout_model": LayoutResource(), "recognizer": RecognizerResource()})
         assert result.success
-
-
-def test_deploy_k8s_config_is_a_valid_instance_config():
-    from dagster._core.instance.config import dagster_instance_config
-
-    config, _ = dagster_instance_config(str(ROOT / "deploy" / "k8s"), "dagster.yaml")
-    assert config["run_launcher"]["class"] == "K8sRunLauncher"
-    assert config["storage"]["postgres"]["postgres_db"]["scheme"] == "postgresql+psycopg2"
