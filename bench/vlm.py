@@ -9,6 +9,10 @@ VLM-ready JPEG crops; its wall time is compared with the ideal ceil(regions / co
 latency, and the client's CPU time per request is this process's CPU time over the requests.
 The same load then goes through the GLM-OCR SDK's client (`glmocr==0.1.5`: its OCRClient with a
 thread pool of the same size, the SDK's own way of keeping requests in flight).
+
+    python bench/vlm.py --fleet [--regions N] [--latency S] [--concurrency C] [--servers 2,4]
+
+runs the fleet load test instead (several servers, one failing part-way through): see bench/vlm_fleet.py.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import multiprocessing
 import os
 import platform
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -110,6 +115,10 @@ def run_glm(base_url: str, crops: pa.Table, concurrency: int) -> tuple[float, fl
 
 
 def main() -> None:
+    if "--fleet" in sys.argv[1:]:  # its own options and table; bench/ is on the path when run as a script
+        from vlm_fleet import main as fleet
+
+        sys.exit(fleet([a for a in sys.argv[1:] if a != "--fleet"]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--regions", type=int, default=2048)
     parser.add_argument("--latency", type=float, default=0.5)
