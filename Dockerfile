@@ -17,9 +17,15 @@ WORKDIR /opt/ocr_assets
 COPY pyproject.toml README.md ./
 COPY ocr_assets ./ocr_assets
 # PyPI's torch wheels for Linux x86_64 are CUDA builds (the CUDA runtime comes as nvidia-* wheels): the
-# layout pod needs only the node's NVIDIA driver, no CUDA base image. [k8s] adds dagster-k8s and
-# dagster-postgres.
-RUN pip install ".[k8s]"
+# layout pod needs only the node's NVIDIA driver, no CUDA base image. torch 2.14.1 from PyPI is built for
+# CUDA 13.0, which needs a driver >= 580 on the GPU nodes; for older drivers, build with
+# --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 (or another CUDA 12 index carrying it).
+# [k8s] adds dagster-k8s and dagster-postgres.
+ARG TORCH_INDEX=""
+RUN if [ -n "$TORCH_INDEX" ]; then \
+      pip install --index-url "$TORCH_INDEX" torch==2.14.1 torchvision==0.29.1; \
+    fi \
+ && pip install ".[k8s]"
 
 # PP-DocLayoutV3 (OCR_ASSETS_LAYOUT_MODEL=/models/pp-doclayout-v3) is mounted from the `models` volume
 # (deploy/k8s/dagster.yaml, values.yaml). To bake it in instead, fetch it beside this file

@@ -1,6 +1,7 @@
 """The five partitioned assets. Each is thin: open its inputs, call its stage with the partition's
 Parquet writer as the sink (row groups written as they come), check and report."""
 
+import contextlib
 import logging
 import warnings
 
@@ -25,6 +26,7 @@ from ocr_assets.storage import ParquetStore, PartitionWriter
 from ocr_assets.timing import StageReport
 from ocr_assets.upright import Turn, turn_page
 from ocr_assets.versions import code_version
+from ocr_assets.vlm_pool import WATCH_SECONDS, ShareWatch
 
 progress = logging.getLogger("ocr_assets.progress")
 # backfill_policy is marked beta in this Dagster; it is chosen on purpose (see COMMON below)
@@ -296,18 +298,21 @@ def recognition(context: dg.AssetExecutionContext, storage: StorageResource, rec
     """
     store, key = storage.store(), context.partition_key
     vlm = recognizer.kind_name() == "openai"
-    steps = vlm_steps(context) if vlm else 1
+    steps = vlm_steps(context, recognizer.vlm_concurrency) if vlm else 1
     backend, load_seconds = recognizer.load(steps)
     cache = RecognitionCache(store, key) if recognizer.cache else None
-    with store.writer("recognition", key, RECOGNITION) as written:
+    # a pool limit changed while the step reads changes its share within WATCH_SECONDS
+    watch = ShareWatch(lambda: vlm_pool_limit(context), backend, recognizer.vlm_concurrency, steps,
+                       context.log, WATCH_SECONDS) if vlm else contextlib.nullcontext()
+    with watch, store.writer("recognition", key, RECOGNITION) as written:
         _, report = run_recognition(
             store.batches("crops", key), backend, cache=cache, rows=store.num_rows("crops", key),
             report=StageReport(label=f"recognition {key}"), sink=written.write,
         )
     report.info.update(backend.run_metadata())
     if vlm:
-        report.info.update(vlm_pool_limit=steps,
-                           vlm_concurrency_per_server=config.vlm_share(recognizer.vlm_concurrency, steps))
+        report.info.update(vlm_pool_limit=watch.limit,
+                           vlm_concurrency_per_server=config.vlm_share(recognizer.vlm_concurrency, watch.limit))
     texts = _texts(store, "recognition", key, "text", 12)
     return publish(
         context, written, report, model_load_seconds=load_seconds,
@@ -319,22 +324,29 @@ def recognition(context: dg.AssetExecutionContext, storage: StorageResource, rec
     )
 
 
-def vlm_steps(context: dg.AssetExecutionContext) -> int:
+def vlm_pool_limit(context: dg.AssetExecutionContext) -> int | None:
+    """The `vlm` pool's limit on this instance; None when it has none."""
+    info = context.instance.event_log_storage.get_concurrency_info(config.VLM_POOL)
+    limit = info.limit if getattr(info, "limit", None) is not None else info.slot_count
+    return int(limit) if limit and limit > 0 else None
+
+
+def vlm_steps(context: dg.AssetExecutionContext, bound: int) -> int:
     """The recognition steps that may run at once: the `vlm` pool's limit. Without one (an instance
-    whose pools have no default limit), 1, with a warning: the bound then holds for one step only."""
+    whose pools have no default limit), 1, with a warning: the bound then holds for one step only.
+    An instance that cannot say fails the step: guessing could pass every server's bound."""
     try:
-        info = context.instance.event_log_storage.get_concurrency_info(config.VLM_POOL)
-        limit = info.limit if getattr(info, "limit", None) is not None else info.slot_count
-    except Exception as exc:  # an instance without pools
-        limit, why = 0, f"{type(exc).__name__}: {exc}"
-    else:
-        why = "no limit is set"
-    if limit and limit > 0:
-        return int(limit)
-    context.log.warning(f"concurrency pool {config.VLM_POOL!r}: {why}; each recognition step keeps the whole "
-                        f"{config.ENV_VLM_CONCURRENCY} in flight to each server: set a limit "
-                        f"(dagster instance concurrency set {config.VLM_POOL} N) so the steps share it")
-    return 1
+        limit = vlm_pool_limit(context)
+    except Exception as exc:
+        raise RuntimeError(f"could not read the {config.VLM_POOL!r} concurrency pool's limit, which splits "
+                           f"{config.ENV_VLM_CONCURRENCY} between recognition steps: {type(exc).__name__}: {exc}") from exc
+    if limit is None:
+        context.log.warning(f"concurrency pool {config.VLM_POOL!r}: no limit is set; each recognition step keeps the "
+                            f"whole {config.ENV_VLM_CONCURRENCY} in flight to each server: set a limit "
+                            f"(dagster instance concurrency set {config.VLM_POOL} N) so the steps share it")
+        return 1
+    config.vlm_share(bound, limit)  # more steps than the bound: an error naming both, before any server starts
+    return limit
 
 
 @dg.asset(**COMMON, kinds={"parquet", "markdown"}, code_version=code_version("documents"),

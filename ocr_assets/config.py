@@ -264,8 +264,14 @@ def vlm_base_urls(value: str | None) -> list[str]:
 def vlm_share(concurrency: int, steps: int) -> int:
     """Requests one recognition step keeps in flight to each server: the server's bound
     (OCR_ASSETS_VLM_CONCURRENCY) split between the ``steps`` that may run at once (the `vlm` pool's
-    limit), so together they never pass it; at least 1."""
-    return max(1, int(concurrency) // max(1, int(steps)))
+    limit), so together they never pass it. More steps than the bound cannot share it: an error
+    naming both settings."""
+    concurrency, steps = int(concurrency), max(1, int(steps))
+    if steps > concurrency:
+        raise ValueError(f"the {VLM_POOL!r} concurrency pool lets {steps} recognition steps run at once, more than "
+                         f"{ENV_VLM_CONCURRENCY}={concurrency} requests per server: lower the pool's limit "
+                         f"(dagster instance concurrency set {VLM_POOL} N) or raise {ENV_VLM_CONCURRENCY}")
+    return concurrency // steps
 
 
 def executor() -> str:
