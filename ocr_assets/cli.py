@@ -133,9 +133,9 @@ def vllm_servers(start: bool = False, stop: bool = False, force: bool = False) -
             for info in stopped:
                 print(f"stopped the vLLM server for GPU {info['slot']} (pid {info['pid']}, port {info['port']})")
             for info in busy:
-                what = "is being started" if info.get("starting") else "is used by a running step"
-                print(f"error: the vLLM server for GPU {info['slot']} {what}: not stopped (--force stops it anyway)",
-                      file=sys.stderr)
+                what = ("is being started by a running step: not stopped (interrupting that step stops it)"
+                        if info.get("starting") else "is used by a running step: not stopped (--force stops it anyway)")
+                print(f"error: the vLLM server for GPU {info['slot']} {what}", file=sys.stderr)
             if busy:
                 return 1
         if start:
@@ -148,8 +148,9 @@ def vllm_servers(start: bool = False, stop: bool = False, force: bool = False) -
     if not found:
         print(f"no managed vLLM servers run on this host (folder {vllm_server.registration('x').parent})")
     for info in found:
+        health = "healthy" if info["healthy"] else "starting" if info.get("state") == "starting" else "NOT answering"
         print(f"GPU {info['slot']}: pid {info['pid']}, port {info['port']}, {info['model']} as "
-              f"{info['served_name']!r}, {'healthy' if info['healthy'] else 'NOT answering'}, "
+              f"{info['served_name']!r}, {health}, "
               f"{'in use' if info['in_use'] else 'idle'}; log {info['log']}")
     return 0
 

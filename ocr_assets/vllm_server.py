@@ -1,19 +1,22 @@
 """Managed vLLM servers: one ``vllm serve MODEL`` per GPU of this host, shared by every recognition step.
 
-For a one-machine setup where the pipeline should bring its own servers. The server of the
-host's i-th GPU listens on ``port + i`` with ``CUDA_VISIBLE_DEVICES`` set to that GPU (one
-server, slot ``0``, where there is none), started with the flags that raised throughput for
-this workload and a GPU memory share that leaves room for the layout model.
+For a one-machine setup where the pipeline brings its own servers: a GPU's server runs with
+``CUDA_VISIBLE_DEVICES`` set to it (one server, slot ``0``, where there is none), the throughput
+flags and a GPU memory share that leaves room for the layout model. GPU ``N`` (its physical id, as
+in ``gpu_lease``) has its server on ``port + N`` whatever ``CUDA_VISIBLE_DEVICES`` a process has; a
+GPU named by UUID or MIG id gets ``port +`` its place in this process's order, and a port another
+GPU's server has is refused.
 
-A server is registered in the host's run folder (``config.run_dir()``, ``vllm-<slot>.json``)
-and started at most once: the step that finds no live server for a GPU starts it, under an
-exclusive lock on ``vllm-<slot>.lock``, while the others wait and then reuse it. A step holds
-a shared lock on ``vllm-<slot>.use`` while its recognizer runs (the kernel drops it if the
-step dies); ``stop_servers`` stops only the servers no step holds.
-
-Servers outlive the steps: they keep their GPU memory until ``ocr-assets vllm-servers --stop``.
-A server started with another model, flags or memory share is never replaced by a step (another
-step may be using it): stop it first.
+A server is registered in the host's run folder (``config.run_dir()``, ``vllm-<slot>.json``) and
+started once: the step that finds none live starts it under an exclusive lock (``vllm-<slot>.lock``),
+registers it at once as ``starting`` and waits for /health holding the lock; the others wait for
+the lock, then reuse it. Interrupted, that step stops the server's process group and drops its
+registration; killed outright, it leaves the server registered, and the next step waits for it
+and takes it over (or ``stop_servers`` stops it). A step holds a shared lock on ``vllm-<slot>.use``
+while its recognizer runs (the kernel drops it if the step dies); ``stop_servers`` stops only the
+servers no step holds. Servers outlive the steps, keeping their GPU memory until ``ocr-assets
+vllm-servers --stop``; one started with another model, flags, memory share or port is never
+replaced by a step (another step may be using it): stop it first.
 """
 
 from __future__ import annotations
@@ -40,14 +43,16 @@ log = logging.getLogger("ocr_assets.progress")
 DEFAULT_FLAGS = ("--max-num-batched-tokens", "131072", "--max-num-seqs", "512", "--no-enable-chunked-prefill")
 STOP_COMMAND = "ocr-assets vllm-servers --stop"
 # what a server is started with, and the setting that changes each (named when a server differs)
-IDENTITY = {"model": config.ENV_VLM_SERVE_MODEL, "served_name": config.ENV_VLM_MODEL,
+IDENTITY = {"model": config.ENV_VLM_SERVE_MODEL, "served_name": config.ENV_VLM_MODEL, "port": config.ENV_VLM_SERVE_PORT,
             "gpu_memory_utilization": config.ENV_VLM_SERVE_GPU_MEMORY, "flags": "the recognizer's vlm_serve_flags"}
 _children: dict[int, subprocess.Popen] = {}  # servers this process started: polled, so none stays a zombie
 
 
 @dataclass
 class VllmSettings:
-    """What to serve and how; ``port`` is the first GPU's server's, ``flags`` replace the defaults when given."""
+    """What to serve and how; ``port`` is GPU 0's server's (GPU N's: port + N), ``flags`` replace the
+    defaults when given; ``health_patience``: seconds a live server may take to answer before it is
+    called broken (one busy with long requests answers /health late)."""
 
     model: str
     served_name: str = "glm-ocr"
@@ -57,10 +62,11 @@ class VllmSettings:
     flags: tuple[str, ...] = field(default=DEFAULT_FLAGS)
     executable: str = "vllm"
     startup_timeout: float = 1200.0
+    health_patience: float = 60.0
 
     def described(self) -> dict:
         """The settings that make two servers interchangeable (IDENTITY's keys)."""
-        return {"model": self.model, "served_name": self.served_name,
+        return {"model": self.model, "served_name": self.served_name, "port": int(self.port),
                 "gpu_memory_utilization": float(self.gpu_memory_utilization), "flags": list(self.flags)}
 
     def identity(self) -> str:
@@ -96,16 +102,13 @@ def registration(slot: str) -> Path:
     return config.run_dir() / f"vllm-{slot}.json"
 
 
-def start_lock(slot: str) -> Path:
-    return config.run_dir() / f"vllm-{slot}.lock"
-
-
-def use_lock(slot: str) -> Path:
-    return config.run_dir() / f"vllm-{slot}.use"
-
-
 def log_path(slot: str) -> Path:
     return config.run_dir() / f"vllm-{slot}.log"
+
+
+def _lock(slot: str, kind: str) -> Path:
+    """``start``: held while a server is started or checked; ``use``: shared by the steps using it."""
+    return config.run_dir() / f"vllm-{slot}.{'lock' if kind == 'start' else kind}"
 
 
 def gpu_count() -> int:
@@ -116,6 +119,15 @@ def gpu_count() -> int:
         return cuda_count()
     except ImportError:
         return 0
+
+
+def server_port(port: int, slot: str, index: int) -> int:
+    """The port of ``slot``'s server: ``port`` + its physical id where that is a number (every process
+    agrees on it), else + ``index``, its place in this process's order."""
+    chosen = port + (int(slot) if slot.isdigit() else index)
+    if chosen > 65535:
+        raise ValueError(f"GPU {slot}'s vLLM server would listen on port {chosen}: lower {config.ENV_VLM_SERVE_PORT}")
+    return chosen
 
 
 def devices(count: int) -> list[tuple[str, str | None]]:
@@ -140,23 +152,24 @@ class ServerUse:
 
 
 def ensure_servers(settings: VllmSettings, gpus: int | None = None, use: ServerUse | None = None) -> list[str]:
-    """The base URLs of this host's servers, one per GPU in this process's order, each a live
-    registered one with these settings or one started now and waited for.
+    """The base URLs of this host's servers, one per GPU in this process's order: each a live registered
+    one with these settings, one being started (waited for) or one started now.
 
-    ``gpus``: the GPU count (None = the CUDA devices this process sees). ``use``: takes each
-    server's shared use lock (held until ``use.release()``). Raises ValueError where a server
-    runs with other settings, RuntimeError where the port is taken or a server cannot start.
-    """
+    ``gpus``: the GPU count (None = the CUDA devices this process sees). ``use``: takes each server's
+    shared use lock (held until ``use.release()``). Raises ValueError where a server runs with other
+    settings (port included) or a port passes 65535; RuntimeError where a port is taken, a server exits
+    while starting or a live one does not answer within ``health_patience``; TimeoutError where one does
+    not answer within ``startup_timeout`` (it is stopped, as it is when this wait is interrupted)."""
     count = gpu_count() if gpus is None else gpus
     taken: list[int] = []
     urls = []
     try:
         for index, (slot, visible) in enumerate(devices(count)):
-            fd = _hold(start_lock(slot), f"the vLLM server for GPU {slot}")
+            fd = _hold(_lock(slot, "start"), f"the vLLM server for GPU {slot}")
             try:
-                info = _ready_server(settings, slot, visible, settings.port + index)
+                info = _ready_server(settings, slot, visible, server_port(settings.port, slot, index))
                 if use is not None:
-                    taken.append(_share(use_lock(slot)))  # under the start lock: no stop can come between
+                    taken.append(_share(_lock(slot, "use")))  # under the start lock: no stop can come between
             finally:
                 os.close(fd)
             urls.append(f"http://{info['host']}:{info['port']}/v1")
@@ -174,16 +187,30 @@ def _ready_server(settings: VllmSettings, slot: str, visible: str | None, port: 
     info = _registered(slot)
     if info is not None and _running(info):
         _check_identity(info, settings, slot)
-        if _serves(info):
-            return info
+        if info.get("state") == "starting":  # its starter died (it held this lock): take it over
+            log.info("waiting for the vLLM server for GPU %s (pid %d), started by a step that ended", slot, info["pid"])
+            return _await(info, settings)
+        deadline = time.monotonic() + settings.health_patience
+        while not _serves(info):  # a busy server may answer late
+            if time.monotonic() >= deadline or not _running(info):
+                raise RuntimeError(f"the vLLM server for GPU {slot} (pid {info['pid']}, port {info['port']}) runs but "
+                                   f"does not answer /health or serve {info['served_name']!r} (tried for "
+                                   f"{settings.health_patience:g} s): {_tail(slot)}; `{STOP_COMMAND} --force` stops it")
+            time.sleep(1.0)
+        return info
+    if info is not None:  # it exited: its engine processes may still hold the GPU
+        _terminate(info)
+        registration(slot).unlink(missing_ok=True)
+    clash = [other["slot"] for other in _live_registrations() if other["slot"] != slot and other["port"] == port]
+    if clash:
         raise RuntimeError(
-            f"the vLLM server for GPU {slot} (pid {info['pid']}, port {info['port']}) runs but does not answer "
-            f"/health or does not serve {info['served_name']!r}: {_tail(slot)}; `{STOP_COMMAND} --force` stops it")
+            f"port {port} is GPU {clash[0]}'s vLLM server's, not free for GPU {slot}: a GPU without a number in "
+            f"CUDA_VISIBLE_DEVICES ({os.environ.get('CUDA_VISIBLE_DEVICES')}) gets port + its place there; "
+            f"give every step and `ocr-assets vllm-servers` the same CUDA_VISIBLE_DEVICES")
     if _listening(settings.host, port):
-        raise RuntimeError(
-            f"port {port} on {settings.host} is taken by a process that is not this host's registered vLLM server "
-            f"for GPU {slot}: set {config.ENV_VLM_SERVE_PORT} (the first GPU's port; GPU i gets port + i) to "
-            f"free ports, or stop what listens there")
+        raise RuntimeError(f"port {port} on {settings.host} is taken by a process that is not this host's registered "
+                           f"vLLM server for GPU {slot}: set {config.ENV_VLM_SERVE_PORT} (GPU N's server listens on "
+                           f"it + N) to free ports, or stop what listens there")
     return _start(settings, slot, visible, port)
 
 
@@ -199,7 +226,7 @@ def _check_identity(info: dict, settings: VllmSettings, slot: str) -> None:
 
 
 def _start(settings: VllmSettings, slot: str, visible: str | None, port: int) -> dict:
-    """Start the server of ``slot`` in its own session (it outlives this step), wait for /health, register it."""
+    """Start the server of ``slot`` in its own session (it outlives this step) and wait for it (``_await``)."""
     s = settings
     command = [require_vllm(s.executable), "serve", s.model, "--served-model-name", s.served_name,
                "--host", s.host, "--port", str(port), "--gpu-memory-utilization", str(s.gpu_memory_utilization),
@@ -208,76 +235,85 @@ def _start(settings: VllmSettings, slot: str, visible: str | None, port: int) ->
     if visible is not None:
         env["CUDA_VISIBLE_DEVICES"] = visible
     config.run_dir().mkdir(parents=True, exist_ok=True)
+    info = {"state": "starting", "slot": slot, "host": s.host, "port": port, "model": s.model,
+            "served_name": s.served_name, "identity": s.identity(), "settings": s.described(), "visible": visible,
+            "log": str(log_path(slot)), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "since": time.time()}
     with open(log_path(slot), "ab") as out:
-        out.write(f"\n== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
+        out.write(f"\n== {info['started']} {' '.join(command)}\n".encode())
         out.flush()
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)
     _children[proc.pid] = proc
+    info.update(pid=proc.pid, start=_proc_start(proc.pid))
     log.info("starting vLLM (%s) for GPU %s on port %d, pid %d; its log: %s", s.model, slot, port, proc.pid,
              log_path(slot))
-    info = {"pid": proc.pid, "start": _proc_start(proc.pid), "slot": slot, "host": s.host, "port": port,
-            "model": s.model, "served_name": s.served_name, "identity": s.identity(), "settings": s.described(),
-            "visible": visible, "log": str(log_path(slot)), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    deadline = time.monotonic() + s.startup_timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve for GPU {slot} exited with code {proc.returncode} while starting: "
-                               f"{_tail(slot)}")
-        if _serves(info):
-            break
-        if time.monotonic() > deadline:
-            _terminate(info)
-            raise TimeoutError(f"vllm serve for GPU {slot} did not answer /health within {s.startup_timeout:g} s "
-                               f"(stopped): {_tail(slot)}")
-        time.sleep(0.5)
-    tmp = registration(slot).with_suffix(".tmp")
-    tmp.write_text(json.dumps(info))
-    tmp.replace(registration(slot))
+    return _await(info, s)
+
+
+def _await(info: dict, settings: VllmSettings) -> dict:
+    """Register a starting server, wait for it to answer and register it as running. Where it exits, does not
+    answer within ``startup_timeout`` or the wait is interrupted, stop its process group and drop its registration."""
+    slot, pid = info["slot"], int(info["pid"])
+    deadline = info.get("since", time.time()) + settings.startup_timeout
+    try:
+        _write(slot, info)  # before the wait: a step killed meanwhile leaves it findable
+        while True:
+            if not _running(info):
+                code = f" with code {_children[pid].returncode}" if pid in _children else ""
+                raise RuntimeError(f"vllm serve for GPU {slot} (pid {pid}) exited{code} while starting: {_tail(slot)}")
+            if _serves(info):
+                break
+            if time.time() > deadline:
+                raise TimeoutError(f"vllm serve for GPU {slot} did not answer /health within "
+                                   f"{settings.startup_timeout:g} s (stopped): {_tail(slot)}")
+            time.sleep(0.5)
+    except BaseException:
+        _terminate(info, 10.0)
+        registration(slot).unlink(missing_ok=True)
+        raise
+    info = {**info, "state": "running"}
+    _write(slot, info)
     return info
 
 
 def list_servers() -> list[dict]:
-    """This host's running registered servers: each registration with ``healthy`` (answers /health and
-    serves its model) and ``in_use`` (a step holds it)."""
+    """This host's running registered servers: each registration (``state``: starting or running) with
+    ``healthy`` (answers /health and serves its model) and ``in_use`` (a step holds it)."""
     found = []
-    for path in sorted(config.run_dir().glob("vllm-*.json")):
-        info = _registered(path.stem.removeprefix("vllm-"))
-        if info is None or not _running(info):
-            continue
-        fd = _try_lock(use_lock(info["slot"]))
+    for info in _live_registrations():
+        fd = _try_lock(_lock(info["slot"], "use"))
         if fd is not None:
             os.close(fd)
         found.append({**info, "healthy": _serves(info), "in_use": fd is None})
     return found
 
 
-def stop_servers(force: bool = False, wait: float = 60.0) -> tuple[list[dict], list[dict]]:
-    """Stop this host's servers that no step uses (every one with ``force``): SIGTERM to the
-    server's process group, SIGKILL after ``wait`` s. Returns (stopped, left running because in use)."""
+def stop_servers(force: bool = False, wait: float = 60.0, lock_wait: float = 10.0) -> tuple[list[dict], list[dict]]:
+    """Stop this host's servers that no step uses (every one with ``force``), and those left starting
+    by a step that ended: SIGTERM to the server's process group, SIGKILL after ``wait`` s. Returns
+    (stopped, left running): a server a step uses, or one a live step is starting or checking (its
+    start lock held past ``lock_wait`` s; ``starting`` says which), is left running."""
     stopped, busy = [], []
     for path in sorted(config.run_dir().glob("vllm-*.json")):
         slot = path.stem.removeprefix("vllm-")
-        fd = _hold(start_lock(slot), f"the vLLM server for GPU {slot}", timeout=10.0)
-        if fd is None:  # a step is starting a server for this GPU: stop it once it runs
-            busy.append({"slot": slot, "starting": True, **(_registered(slot) or {})})
+        fd = _hold(_lock(slot, "start"), f"the vLLM server for GPU {slot}", timeout=lock_wait)
+        if fd is None:  # a live step is starting or checking it: stop it once it runs
+            info = _registered(slot) or {}
+            busy.append({**info, "slot": slot, "starting": not info or info.get("state") == "starting"})
             continue
         try:
             info = _registered(slot)
-            if info is None or not _running(info):
-                path.unlink(missing_ok=True)
-                continue
-            use = _try_lock(use_lock(slot))
-            if use is None and not force:
+            alive = info is not None and _running(info)
+            use = _try_lock(_lock(slot, "use")) if alive else None
+            if use is not None:
+                os.close(use)  # free; steps take it only under the start lock, held here
+            elif alive and not force:
                 busy.append(info)
                 continue
-            try:
-                _terminate(info, wait)
-                path.unlink(missing_ok=True)
-                stopped.append(info)
-            finally:
-                if use is not None:
-                    os.close(use)
+            if info is not None:
+                _terminate(info, wait)  # a live one, or what is left of an exited one's process group
+            path.unlink(missing_ok=True)
+            stopped += [info] if alive else []
         finally:
             os.close(fd)
     return stopped, busy
@@ -308,6 +344,17 @@ def _share(path: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _write(slot: str, info: dict) -> None:
+    tmp = registration(slot).with_suffix(".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(registration(slot))
+
+
+def _live_registrations() -> list[dict]:
+    found = (_registered(p.stem.removeprefix("vllm-")) for p in sorted(config.run_dir().glob("vllm-*.json")))
+    return [info for info in found if info is not None and _running(info)]
 
 
 def _registered(slot: str) -> dict | None:
@@ -374,23 +421,28 @@ def _listening(host: str, port: int) -> bool:
 
 
 def _terminate(info: dict, wait: float = 60.0) -> None:
-    """SIGTERM the server's process group (vLLM's engine processes with it), SIGKILL after ``wait`` s."""
+    """SIGTERM the server's process group (vLLM's engine processes with it), SIGKILL after ``wait`` s,
+    then SIGKILL what is left of the group once the server is gone (engine processes keep GPU memory)."""
     pid = int(info["pid"])
     for sig, patience in ((signal.SIGTERM, wait), (signal.SIGKILL, 10.0)):
-        try:
-            if os.getpgid(pid) == pid:  # started in its own session: the group is the server's
-                os.killpg(pid, sig)
-            else:
-                os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+        if _running(info):
+            _signal_group(pid, sig)
         deadline = time.monotonic() + patience
         while _running(info) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if not _running(info):
-            _children.pop(pid, None)
-            return
-    raise RuntimeError(f"the vLLM server for GPU {info.get('slot')} (pid {pid}) did not stop after SIGKILL")
+    if _running(info):
+        raise RuntimeError(f"the vLLM server for GPU {info.get('slot')} (pid {pid}) did not stop after SIGKILL")
+    _children.pop(pid, None)
+    if _proc_start(pid) in (None, info.get("start")):  # not another process's pid (a group's id is never reused)
+        _signal_group(pid, signal.SIGKILL)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    """Signal the server's process group: it was started in a session of its own, its engine processes in it."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _tail(slot: str, lines: int = 20) -> str:
