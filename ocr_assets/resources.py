@@ -159,7 +159,7 @@ class RecognizerResource(dg.ConfigurableResource):
                                   "step that needs it and shared by every step; the servers keep running after the "
                                   "steps, until `ocr-assets vllm-servers --stop`.")
     vlm_serve_port: int = Field(default=8000, description="Port of the first GPU's managed vLLM server; "
-                                                          "GPU i's listens on port + i.")
+                                                          "GPU i's (by physical id) listens on port + i.")
     vlm_serve_gpu_memory: float = Field(default=0.7, description="GPU memory share of each managed vLLM server.")
     vlm_serve_flags: str | None = Field(
         default=None, description="Flags for `vllm serve`, replacing the defaults (the throughput flags)."

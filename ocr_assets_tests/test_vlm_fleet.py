@@ -2,13 +2,17 @@
 a server that stops answering taken out and its requests retried on the others, probed back in.
 
 `CountingServer` is a real aiohttp server that answers every chat request after a fixed delay and
-records the most requests it ever had in flight; it can crash after N requests (every connection
-closed unanswered, those in flight too), stop listening, and listen again on the same port.
+records the most requests it ever had in flight (and how many at each arrival); it can crash after
+N requests (every connection closed unanswered, those in flight too), hold its requests until let
+go, stop listening, and listen again on the same port. `DeafServer` answers the probe, then
+accepts connections and never reads them: a server whose process is stopped while its kernel
+still accepts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import threading
@@ -17,6 +21,7 @@ import pytest
 from aiohttp import web
 
 from ocr_assets import config
+from ocr_assets.backends.recognition import openai_vlm
 from ocr_assets.backends.recognition.base import Crop
 from ocr_assets.backends.recognition.openai_vlm import OpenAIRecognizer
 from ocr_assets.stages.recognition import run_recognition
@@ -36,6 +41,9 @@ class CountingServer:
         self.latency, self.model = latency, model
         self.port = _free_port()
         self.received = self.answered = self.in_flight = self.peak = 0
+        self.arrivals: list[int] = []  # requests in flight at each request's arrival, itself included
+        self.reached = {}  # n -> threading.Event set once n requests are in flight at once
+        self._held: asyncio.Event | None = None  # set: the held requests go on
         self.crash_after: int | None = None  # from the request after this one on, nothing is answered
         self.models_status = 200  # what GET /models answers (401: a refused key)
         self.chat_status = 200  # 503: it answers every chat request "overloaded"
@@ -53,6 +61,21 @@ class CountingServer:
     def _call(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=10)
 
+    def hold(self) -> None:
+        """From now on every request waits, before its latency, until ``let_go``."""
+        self._held = asyncio.Event()  # bound to the server's loop when first awaited there
+
+    def let_go(self) -> None:
+        if self._held is not None:
+            self._loop.call_soon_threadsafe(self._held.set)
+
+    def when_in_flight(self, n: int) -> threading.Event:
+        """Set once ``n`` requests were in flight at once (already, or from now on)."""
+        event = self.reached.setdefault(n, threading.Event())
+        if self.peak >= n:  # the server checks after it counts, this after it registers: none missed
+            event.set()
+        return event
+
     def start(self) -> None:
         """Listen (again) on the same port."""
         self._call(self._open())
@@ -69,7 +92,7 @@ class CountingServer:
         self._thread.join(timeout=10)
 
     async def _open(self) -> None:
-        app = web.Application()
+        app = web.Application(client_max_size=64 * 2**20)  # crops of a few MB
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
@@ -96,9 +119,14 @@ class CountingServer:
         self.received += 1
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
+        self.arrivals.append(self.in_flight)
+        if self.in_flight in self.reached:
+            self.reached[self.in_flight].set()
         try:
             if self._crashed():
                 return self._drop(request)
+            if self._held is not None:
+                await self._held.wait()
             await asyncio.sleep(self.latency)
             if self._crashed():  # crashed while this one was in flight: it is lost too
                 return self._drop(request)
@@ -108,6 +136,57 @@ class CountingServer:
             return completion("read")
         finally:
             self.in_flight -= 1
+
+
+class DeafServer:
+    """Answers GET /v1/models until ``deaf`` is set; from then on it accepts connections and never
+    reads them: its small receive buffer fills and the client's upload stalls on a zero window."""
+
+    def __init__(self, model: str = "glm-ocr") -> None:
+        self.model, self.deaf, self.held = model, False, []
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the accepted sockets inherit it
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self.held.append(conn)
+            if not self.deaf:
+                self._answer_models(conn)
+
+    def _answer_models(self, conn: socket.socket) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            request += chunk
+        body = json.dumps({"data": [{"id": self.model}]}).encode()
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        conn.close()
+
+    def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        except OSError:
+            pass
+        self.listener.close()
+        self._thread.join(timeout=10)
+        for conn in self.held:
+            conn.close()
 
 
 @pytest.fixture()
@@ -285,3 +364,127 @@ def test_a_url_named_twice_is_refused():
             OpenAIRecognizer(urls, probe=False)
     with pytest.raises(ValueError, match=config.ENV_VLM_BASE_URL):
         OpenAIRecognizer([], probe=False)
+
+
+def test_a_server_that_stops_reading_the_request_is_taken_out_and_the_stream_ends(servers):
+    deaf, b = DeafServer(), servers(0.0)
+    try:
+        recognizer = fleet([deaf.base_url, b.base_url], concurrency=2, timeout=1.0, max_attempts=3)
+        assert recognizer.run_metadata()["servers_in_service"] == 2  # the probe found both
+        deaf.deaf = True  # from now on: a stopped process whose kernel still accepts connections
+        image = b"\xff\xd8" + bytes(6 * 2**20)  # a body larger than the socket buffers can take
+        results = {}
+
+        def read() -> None:
+            for i, result in recognizer.recognize_stream((i, Crop("text", image, 56, 28)) for i in range(6)):
+                results[i] = result
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(60)  # a bound only so that a hang fails here instead of blocking the run
+        assert not reader.is_alive(), "the stream never ended: an upload to a server that stopped reading hung"
+        assert sorted(results) == list(range(6)) and all(r.status == "ok" for r in results.values())
+        meta = recognizer.run_metadata()
+        assert meta["server_0_taken_out"] == 1 and meta["servers_in_service"] == 1
+        assert meta["errors_timeout"] >= 2 and meta["server_0_errors"] >= 2
+        assert b.answered == 6 and len(deaf.held) >= 2  # its requests were read by the other one
+    finally:
+        deaf.close()
+
+
+def test_a_host_name_that_does_not_resolve_is_a_configuration_error(servers):
+    a = servers(0.0)
+    typo = "http://vlm-1.example.invalid:8000/v1"
+    for urls in ([a.base_url, typo], [typo]):
+        with pytest.raises(ValueError, match=config.ENV_VLM_BASE_URL) as error:
+            fleet(urls)
+        assert typo in str(error.value)
+    # a refused connection is a server that is down: left out, probed back in, the run goes on
+    refused = f"http://127.0.0.1:{_free_port()}/v1"
+    assert fleet([a.base_url, refused]).run_metadata()["servers_in_service"] == 1
+
+
+def test_a_stream_does_not_start_while_the_last_ones_worker_still_runs(servers, monkeypatch):
+    a = servers(0.0)
+    recognizer = fleet(a.base_url, concurrency=1)  # one crop admitted at a time
+    monkeypatch.setattr(openai_vlm, "_JOIN_SECONDS", 0.0)  # the stopped stream gives up on its worker at once
+    release = threading.Event()
+
+    def hanging_crops():
+        yield 0, Crop("text", b"jpeg-bytes-0", 56, 28)
+        yield 1, Crop("text", b"jpeg-bytes-1", 56, 28)  # pulled once crop 0 is answered
+        release.wait()  # a crop source that hangs: the worker's event loop waits here
+
+    before = set(threading.enumerate())
+    first = recognizer.recognize_stream(hanging_crops())
+    try:
+        assert next(first)[0] == 0
+        first.close()  # the caller stops reading; its worker still runs
+        (worker,) = [t for t in threading.enumerate() if t not in before and t.name == "vlm-requests"]
+        assert worker.is_alive()
+        with pytest.raises(RuntimeError, match="still running"):
+            read_all(recognizer, 3)
+    finally:
+        release.set()
+    worker.join(60)
+    assert not worker.is_alive()
+    received = a.received
+    results = read_all(recognizer, 5)  # the last stream over: the next one starts, its counts right
+    assert all(r.status == "ok" for r in results) and a.received == received + 5
+    assert recognizer.run_metadata()["server_0_requests"] == 5
+    assert [s.in_flight for s in recognizer.fleet.servers] == [0]
+
+
+def _stream_in_thread(recognizer: OpenAIRecognizer, n: int) -> tuple[threading.Thread, dict]:
+    results: dict = {}
+
+    def read() -> None:
+        results.update(enumerate(read_all(recognizer, n)))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return reader, results
+
+
+def test_lowering_the_concurrency_mid_stream_bounds_new_requests_at_once(servers):
+    a, b = servers(0.01), servers(0.01)
+    a.hold()
+    b.hold()
+    recognizer = fleet([a.base_url, b.base_url], concurrency=4)
+    reader, results = _stream_in_thread(recognizer, 60)
+    try:
+        # each server holds 4: the client may send no more, so none is on its way
+        assert a.when_in_flight(4).wait(60) and b.when_in_flight(4).wait(60)
+        recognizer.set_concurrency(2)  # from this thread, while the stream runs on its own
+        assert (recognizer.concurrency, recognizer.batch_size) == (2, 4)
+        change = (len(a.arrivals), len(b.arrivals))
+    finally:
+        a.let_go()
+        b.let_go()
+    reader.join(120)
+    assert not reader.is_alive() and all(r.status == "ok" for r in results.values()) and len(results) == 60
+    assert change == (4, 4)
+    after = a.arrivals[change[0]:] + b.arrivals[change[1]:]  # the 8 held drained, then only 2 at a time
+    assert len(after) == 52 and max(after) <= 2
+    assert a.peak == b.peak == 4
+
+
+def test_raising_the_concurrency_mid_stream_lets_waiting_crops_go(servers):
+    a = servers(0.0)
+    a.hold()
+    recognizer = fleet(a.base_url, concurrency=1)
+    reader, results = _stream_in_thread(recognizer, 10)
+    try:
+        assert a.when_in_flight(1).wait(60)
+        recognizer.set_concurrency(3)  # above the stream's start: its crops in memory follow
+        assert a.when_in_flight(3).wait(60)  # two more went while the first is held
+        assert a.in_flight == 3
+    finally:
+        a.let_go()
+    reader.join(120)
+    assert not reader.is_alive() and all(r.status == "ok" for r in results.values()) and len(results) == 10
+    assert a.peak == 3 and (recognizer.concurrency, recognizer.batch_size) == (3, 3)
+    meta = recognizer.run_metadata()  # none waited for a connection past its timeout
+    assert meta["requests"] == a.received == 10 and meta["retries"] == 0 and meta["server_0_errors"] == 0
+    with pytest.raises(ValueError, match=config.ENV_VLM_CONCURRENCY):
+        recognizer.set_concurrency(0)

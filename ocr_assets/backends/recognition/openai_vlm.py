@@ -8,18 +8,22 @@ Each crop is one request: the crop's JPEG bytes (already resized by the crops st
 base64 data URL, then the task's prompt; temperature 0 and a ``max_tokens`` per task.
 
 ``base_url`` names one server or several (``OCR_ASSETS_VLM_BASE_URL``, comma-separated): each gets
-at most ``concurrency`` of this recognizer's requests at once, retries included, and a request
-goes to the in-service server with the fewest in flight (``vlm_fleet``). The next crop is pulled
-from the stage as soon as a request finishes, so the servers stay full without a burst they
-cannot queue. A server that stops answering (refused, reset, silent: two such failures in a row,
-or one refused connection) is taken out of service and probed until it answers again; its
-requests are retried on the others at once. 429, 5xx, connection errors, read timeouts (the
-server silent for ``timeout`` seconds) and malformed answers are retried, on another server where
-one is in service, with exponential backoff and jitter, honouring a well-formed ``Retry-After``;
-with no server in service a request waits for one up to ``timeout`` seconds. A crop that still
-fails, or that hits anything unexpected, gets the reason, and the others go on. An answer cut at
-``max_tokens`` or caught in a repetition loop is flagged, not kept as text. When the caller stops
-reading (the step is interrupted or failed), the requests in flight are cancelled at once.
+at most ``concurrency`` of this recognizer's requests at once, retries included (``set_concurrency``
+changes it mid-stream), and a request goes to the in-service server with the fewest in flight
+(``vlm_fleet``). The next crop is pulled from the stage as soon as a request finishes, so the
+servers stay full without a burst they cannot queue; one stream runs at a time. ``timeout`` bounds
+an attempt from its sending to the answer's headers (a server that stops reading the request is
+silent too), then each pause in the answer. A server that stops answering (refused, reset, silent:
+two such failures in a row, or one refused connection) is taken out of service and probed until
+it answers again; its requests are retried on the others at once. 429, 5xx, connection errors,
+timeouts and malformed answers are retried, on another server where one is in service, with
+exponential backoff and jitter, honouring a well-formed ``Retry-After``. With no server in service
+a request waits for a probe to bring one back until ``timeout`` seconds after the last server
+went out, not after it began to wait: in a long outage requests fail at once instead of each
+waiting the whole timeout again. A crop that still fails, or that hits anything unexpected, gets
+the reason, and the others go on. An answer cut at ``max_tokens`` or caught in a repetition loop
+is flagged, not kept as text. When the caller stops reading (the step is interrupted or failed),
+the requests in flight are cancelled at once.
 
 Each request asks for ``logprobs`` (unless ``logprobs=False``: the resource's ``vlm_logprobs``);
 a region's confidence is exp of the mean log-probability of the answer's tokens (see
@@ -48,7 +52,7 @@ from ocr_assets import config
 from ocr_assets.backends.recognition.base import Crop, Recognized, content_key
 from ocr_assets.backends.recognition.openai_replies import (ServerStats, VlmStats, http_reason, repetition_loop,
                                                            retry_after_seconds, token_confidence)
-from ocr_assets.backends.recognition.vlm_fleet import VlmFleet, channel_failure, check_servers
+from ocr_assets.backends.recognition.vlm_fleet import SendTimeout, VlmFleet, channel_failure, check_servers, post
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 # Bumped when the way an answer becomes a region's text changes: cached answers are then read again.
@@ -127,6 +131,8 @@ class OpenAIRecognizer:
         self.ask_logprobs = self.logprobs  # turned off when the server refuses the parameter
         self.fleet = VlmFleet(urls, self.concurrency, probe_interval=probe_interval,
                               probe_interval_max=probe_interval_max)
+        self._lock = threading.Lock()  # a stream's start, and set_concurrency, from any thread
+        self._worker: threading.Thread | None = None  # the last stream's event loop thread
         self.stats = self._new_stats()
         if probe:
             self.probe()
@@ -149,6 +155,21 @@ class OpenAIRecognizer:
     def _new_stats(self) -> VlmStats:
         return VlmStats(servers=[ServerStats() for _ in self.base_urls])
 
+    def set_concurrency(self, concurrency: int) -> None:
+        """Change the most requests in flight to each server; safe from any thread while a stream runs.
+
+        New requests obey the new bound at once. Lowering it cancels nothing: the requests in flight
+        finish, and a server gets no new one until it is under the new bound. Raising it lets the
+        waiting crops go at once, and the running stream then holds up to the new bound times the
+        servers in memory. ``concurrency`` and ``batch_size`` give the new value to the next streams.
+        """
+        n = int(concurrency)
+        if n < 1:
+            raise ValueError(f"{config.ENV_VLM_CONCURRENCY}={concurrency}: at least 1 request must be in flight")
+        with self._lock:
+            self.concurrency, self.batch_size = n, n * len(self.base_urls)
+            self.fleet.set_concurrency(n)
+
     # -- the servers --
 
     def probe(self) -> None:
@@ -158,12 +179,13 @@ class OpenAIRecognizer:
                                                 verify_tls=self.verify_tls, timeout=self.timeout))
 
     def _session(self) -> aiohttp.ClientSession:
-        """One HTTP session holding up to ``concurrency`` keep-alive connections per server (and the probes')."""
-        servers = len(self.base_urls)
-        connector = aiohttp.TCPConnector(limit=self.batch_size + servers, ssl=None if self.verify_tls else False)
+        """A stream's HTTP session: a keep-alive connection per request in flight (the fleet bounds
+        them, ``concurrency`` per server) and one per server being probed. No connector limit: a
+        bound raised mid-stream must not leave requests waiting for a connection inside their timeout."""
+        connector = aiohttp.TCPConnector(limit=0, ssl=None if self.verify_tls else False)
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key or 'none'}"}
-        # A read timeout, not a total: a long answer that keeps arriving, or a wait for a free
-        # connection, is not a server that stopped answering.
+        # Up to the headers an attempt is bounded by `post`; then a read timeout, not a total: a
+        # long answer that keeps arriving is not a server that stopped answering.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(self.timeout, 30.0), sock_read=self.timeout)
         return aiohttp.ClientSession(connector=connector, headers=headers, timeout=timeout)
 
@@ -178,9 +200,9 @@ class OpenAIRecognizer:
 
         When the caller stops reading (closes the generator, or an exception such as Dagster's
         interruption unwinds it), the requests in flight are cancelled and this returns within
-        about a second instead of waiting for their retries.
+        about a second instead of waiting for their retries. RuntimeError when the last stream's
+        worker still runs: the servers' counts belong to one stream at a time.
         """
-        self.stats = self._new_stats()
         answers: queue.Queue = queue.Queue()
         stop = threading.Event()  # the caller stopped reading: cancel what is in flight, send nothing more
 
@@ -195,8 +217,14 @@ class OpenAIRecognizer:
                 answers.put(exc)
             answers.put(_DONE)
 
-        worker = threading.Thread(target=work, name="vlm-requests", daemon=True)
-        worker.start()
+        with self._lock:
+            if self._worker is not None and self._worker.is_alive():
+                raise RuntimeError(
+                    "the openai recognizer's last stream is still running (still being read, or its requests "
+                    f"did not wind down within {_JOIN_SECONDS:g} s of its end): end it before starting another")
+            self.stats = self._new_stats()
+            worker = self._worker = threading.Thread(target=work, name="vlm-requests", daemon=True)
+            worker.start()
         try:
             while True:
                 item = answers.get()
@@ -210,21 +238,19 @@ class OpenAIRecognizer:
             worker.join(_JOIN_SECONDS)
 
     async def _run(self, items: Iterable[tuple[int, Crop]], answers: queue.Queue, stop: threading.Event) -> None:
-        session = self._session()
-        # crops being read, waiting for a slot or a retry included: memory bounded by a batch
-        admitted = asyncio.Semaphore(self.batch_size)
+        session, fleet = self._session(), self.fleet
         tasks: set[asyncio.Task] = set()  # in flight; _answer turns every failure into a result
         watcher = asyncio.create_task(_cancel_on_stop(stop, asyncio.current_task()))
         self.stats.started = self.stats.started or time.perf_counter()
-        self.fleet.start(session, probe_timeout=min(self.timeout, 10.0))
+        fleet.start(session, probe_timeout=min(self.timeout, 10.0))
         try:
             for key, crop in items:
                 await asyncio.sleep(0)  # the stop watcher and finished requests run between crops
-                await admitted.acquire()
+                await fleet.admit()  # crops being read, waiting or retrying included: a batch
                 if stop.is_set():
-                    admitted.release()
+                    fleet.discharge()
                     break
-                task = asyncio.create_task(self._answer(session, key, crop, admitted, answers))
+                task = asyncio.create_task(self._answer(session, key, crop, answers))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             if tasks:
@@ -239,14 +265,14 @@ class OpenAIRecognizer:
             await self.fleet.stop()
             await session.close()
 
-    async def _answer(self, session, key, crop: Crop, admitted: asyncio.Semaphore, answers: queue.Queue) -> None:
+    async def _answer(self, session, key, crop: Crop, answers: queue.Queue) -> None:
         try:
             result = await self._read(session, crop)
         except Exception as exc:  # a bug or a surprise in the client fails this region, not the step
             self.stats.errors["unexpected"] += 1
             result = Recognized("", "error", f"the VLM client failed: {type(exc).__name__}: {exc}")
         finally:
-            admitted.release()
+            self.fleet.discharge()
         answers.put((key, result))
 
     def _request(self, crop: Crop, logprobs: bool) -> dict:
@@ -303,7 +329,7 @@ class OpenAIRecognizer:
             mine.peak_in_flight = max(mine.peak_in_flight, server.in_flight)
             start = time.perf_counter()
             try:
-                async with session.post(server.chat_url, data=body) as response:
+                async with await post(session, server.chat_url, body, self.timeout) as response:
                     status, headers, content = response.status, response.headers, await response.read()
                 fleet.answered(server)
                 if status == 400 and asked_logprobs and not rechecking:  # the request, or only its logprobs? ask to see
@@ -346,8 +372,9 @@ class OpenAIRecognizer:
                 channel = exc
                 if isinstance(exc, aiohttp.ConnectionTimeoutError):
                     reason = f"no connection to the VLM server within {min(self.timeout, 30.0):g} s"
-                else:
-                    reason = f"the VLM server sent nothing for {self.timeout:g} s (vlm_timeout)"
+                else:  # SendTimeout: no answer, or the request not even read
+                    reason = str(exc) if isinstance(exc, SendTimeout) else \
+                        f"the VLM server sent nothing for {self.timeout:g} s (vlm_timeout)"
             except (aiohttp.ClientError, OSError) as exc:  # refused, reset, disconnected, cut mid-answer
                 stats.errors["connection"] += 1
                 channel = exc

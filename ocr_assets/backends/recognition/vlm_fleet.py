@@ -4,9 +4,14 @@ A request takes a slot on the in-service server with the fewest requests in flig
 and only when that server has fewer than ``concurrency`` of this recognizer's requests in flight:
 retries take a slot like any request, so the bound holds at every instant. A request that finds
 every in-service server full waits in line (first come, first served) for the next free slot.
+A stream holds at most ``concurrency`` x servers crops at once (``admit``), waiting or retrying
+included: its memory is bounded by that batch. ``set_concurrency`` changes the bound from any
+thread while a stream runs: the next pick obeys it; requests in flight are never cancelled.
 
 A server stops answering when a request to it fails in the channel (refused, reset, disconnected,
-cut off, or silent past the timeout; an HTTP status is an answer). It is taken out of service
+cut off, or silent past the timeout; an HTTP status is an answer). ``post`` bounds an attempt
+from its sending to the answer's headers: a server that stops reading the request (a stopped
+process whose kernel still accepts connections) is silent too. It is taken out of service
 after ``failures_to_take_out`` such failures in a row with no answer between, and at once when the
 connection is refused (nothing listens there: every request would fail at once). While out it is
 probed with ``GET {url}/models``, at once and then after ``probe_interval`` seconds, doubling up to
@@ -17,7 +22,8 @@ seconds after the last one went out: a long outage fails the requests at once in
 each one for the whole timeout again.
 
 ``check_servers`` is the probe before any crop is sent: it tells a broken configuration (a refused
-key, a model that is not served, a URL that is no OpenAI API) from servers that are only down.
+key, a model that is not served, a host name that does not resolve, a URL that is no OpenAI API)
+from servers that are only down.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import asyncio
 import errno
 import json
 import logging
+import socket
 import ssl
 import urllib.error
 import urllib.parse
@@ -58,7 +65,29 @@ class VlmServer:
 
 def channel_failure(exc: BaseException) -> bool:
     """Whether a request's failure says the server did not answer (not an HTTP status: that is an answer)."""
-    return isinstance(exc, (TimeoutError, aiohttp.ClientError, OSError))
+    return isinstance(exc, (asyncio.TimeoutError, TimeoutError, aiohttp.ClientError, OSError))
+
+
+class SendTimeout(TimeoutError):
+    """No answer's headers within the timeout of sending: the server did not read the request, or did not answer."""
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: bytes, timeout: float) -> aiohttp.ClientResponse:
+    """POST ``body`` to ``url``: the response once its headers arrived, within ``timeout`` seconds.
+
+    aiohttp's read timeout starts only once the body is written, so a server that stops reading
+    would hold the upload forever (its kernel accepts, with a zero window, once the buffers fill).
+    """
+    async def send() -> aiohttp.ClientResponse:
+        return await session.post(url, data=body)
+
+    try:
+        return await asyncio.wait_for(send(), timeout)
+    except asyncio.TimeoutError as exc:
+        if isinstance(exc, aiohttp.ClientError):  # aiohttp's own connect or read timeout
+            raise
+        raise SendTimeout(f"the VLM server sent nothing for {timeout:g} s (vlm_timeout): no answer, "
+                          f"or the request not even read") from None
 
 
 def refused(exc: BaseException) -> bool:
@@ -91,6 +120,9 @@ class VlmFleet:
         self._session: aiohttp.ClientSession | None = None
         self._probe_timeout = 10.0
         self._outage_since: float | None = None  # when the last server went out (none in service)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the running stream's: set_concurrency wakes it
+        self._admitted = 0  # crops the stream holds (waiting, in flight, or retrying)
+        self._room: asyncio.Event | None = None  # set when a crop leaves or the bound is raised
 
     # -- state --
 
@@ -109,12 +141,14 @@ class VlmFleet:
     # -- a stream's life: slots and probes live on its event loop --
 
     def start(self, session: aiohttp.ClientSession, probe_timeout: float) -> None:
-        """Begin a stream: no request in flight yet; the servers out of service are probed from now on."""
+        """Begin a stream (one at a time: the recognizer sees to it): no request in flight yet; the
+        servers out of service are probed from now on."""
+        loop = self._loop = asyncio.get_running_loop()
         self._session, self._probe_timeout = session, probe_timeout
         self._waiters = deque()
+        self._admitted, self._room = 0, asyncio.Event()
         for server in self.servers:
             server.in_flight = 0
-        loop = asyncio.get_running_loop()
         self._outage_since = None if self.in_service() else loop.time()
         for server in self.servers:
             if not server.in_service:
@@ -131,7 +165,37 @@ class VlmFleet:
         for waiter, _ in self._waiters:
             waiter.cancel()
         self._waiters.clear()
-        self._session = None
+        self._session = self._loop = None
+
+    def set_concurrency(self, concurrency: int) -> None:
+        """The most requests in flight to each server, from now on; safe from any thread."""
+        self.concurrency = int(concurrency)  # every later pick reads it: new requests obey it at once
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._resized)
+            except RuntimeError:  # the stream's loop closed meanwhile: nothing waits on it
+                pass
+
+    def _resized(self) -> None:
+        """On the stream's loop: a raised bound lets waiting crops and requests go."""
+        if self._room is not None:
+            self._room.set()
+        self._wake()
+
+    # -- the stream's crops: memory bounded by a batch --
+
+    async def admit(self) -> None:
+        """Room for one more crop in the stream: at most ``concurrency`` x servers at once."""
+        while self._admitted >= self.concurrency * len(self.servers):
+            self._room.clear()
+            await self._room.wait()
+        self._admitted += 1
+
+    def discharge(self) -> None:
+        """A crop of the stream is done (answered or failed)."""
+        self._admitted -= 1
+        self._room.set()
 
     # -- slots --
 
@@ -272,8 +336,10 @@ def check_servers(urls: list[str], *, model: str, api_key: str | None, verify_tl
     """Probe every server at once (GET /models); which of them answer.
 
     Raises on a broken configuration: PermissionError for a refused key, ValueError for a model
-    that is not served, ConnectionError for a URL that is no OpenAI API, or when no server answers.
-    A server that answers 5xx or not at all is only down: it is left out, with a warning.
+    that is not served or a host name that does not resolve (a typo: it never will), ConnectionError
+    for a URL that is no OpenAI API, or when no server answers. A server that answers 5xx or not at
+    all (a refused connection, a timeout, a resolver that fails for now) is only down: it is left
+    out, with a warning, and probed back in.
     """
     with ThreadPoolExecutor(max_workers=len(urls)) as pool:
         found = list(pool.map(lambda url: _check(url, model, api_key, verify_tls, timeout), urls))
@@ -312,6 +378,9 @@ def _check(url: str, model: str, api_key: str | None, verify_tls: bool, timeout:
     except urllib.error.HTTPError as exc:
         status, body = exc.code, b""
     except (urllib.error.URLError, OSError) as exc:
+        if _no_such_host(getattr(exc, "reason", exc)):
+            return ValueError(f"{config.ENV_VLM_BASE_URL} names {shown}, whose host name does not resolve "
+                              f"({exc}); correct the URL")
         return f"{type(exc).__name__}: {exc}"
     if status in (401, 403):
         return PermissionError(f"the VLM server at {shown} refused the key (HTTP {status}); "
@@ -329,3 +398,9 @@ def _check(url: str, model: str, api_key: str | None, verify_tls: bool, timeout:
     if served and model not in served:
         return ValueError(f"{config.ENV_VLM_MODEL}={model!r} is not served at {shown}; it serves {served}")
     return None
+
+
+def _no_such_host(cause) -> bool:
+    """The name does not exist (not a resolver that fails for now: EAI_AGAIN is a server that is down)."""
+    missing = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+    return isinstance(cause, socket.gaierror) and cause.errno in missing
