@@ -35,8 +35,12 @@ BOUND, STEPS = 4, 2
 class CountingServer:
     """An OpenAI-compatible server on 127.0.0.1 that counts requests in flight, in all and per API key."""
 
-    def __init__(self, latency: float = 0.3, gate_keys: int = 2, gate_timeout: float = 60.0) -> None:
+    def __init__(self, latency: float = 0.3, gate_keys: int = 2, gate_timeout: float = 60.0,
+                 hold: threading.Event | None = None) -> None:
         self.latency, self.gate_keys, self.gate_timeout = latency, gate_keys, gate_timeout
+        self.hold = hold  # answers wait for it, where given
+        self.marked = False  # from mark() on, the count in flight at each arrival is kept
+        self.arrivals_after_mark: list[int] = []
         self.in_flight, self.peak = 0, 0
         self.by_key: Counter = Counter()
         self.peak_by_key: Counter = Counter()
@@ -61,10 +65,14 @@ class CountingServer:
         self.seen.add(key)
         self.peak = max(self.peak, self.in_flight)
         self.peak_by_key[key] = max(self.peak_by_key[key], self.by_key[key])
+        if self.marked:
+            self.arrivals_after_mark.append(self.in_flight)
         try:
             deadline = time.monotonic() + self.gate_timeout
             while len(self.seen) < self.gate_keys and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)  # hold until both steps are in flight
+            while self.hold is not None and not self.hold.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
             await asyncio.sleep(self.latency)
         finally:
             self.in_flight -= 1
@@ -189,4 +197,85 @@ def test_a_step_alone_on_an_instance_without_a_pool_limit_takes_the_whole_bound(
     finally:
         served.stop()
     assert meta["vlm_pool_limit"].value == 1 and meta["vlm_concurrency_per_server"].value == BOUND
-    assert served.peak <= BOUND and warnings
+    assert served.peak == BOUND and warnings  # alone, the whole bound: the share is not split without a limit
+
+
+def test_a_pool_limit_above_the_bound_fails_the_step_naming_both(small_dataset, tmp_path, server):
+    """Eight steps cannot share four requests per server: the step fails before sending any."""
+    home, storage = tmp_path / "home", str(tmp_path / "out")
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    keys = _crops_for_two_shards(small_dataset, storage, str(home), server.base_url)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.event_log_storage.set_concurrency_slots(config.VLM_POOL, 2 * BOUND)
+        from ocr_assets.assets import recognition
+
+        result = dg.materialize([recognition], partition_key=keys[0], instance=instance, raise_on_error=False,
+                                resources={"storage": StorageResource(root=storage),
+                                           "recognizer": RecognizerResource(vlm_base_url=server.base_url,
+                                                                            vlm_concurrency=BOUND)})
+        assert not result.success
+        (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+        message = str(failure.event_specific_data.error)
+    assert config.ENV_VLM_CONCURRENCY in message and "concurrency set vlm" in message
+    assert sum(server.answered.values()) == 0
+
+
+def test_a_limit_raised_while_a_step_reads_lowers_its_share(small_dataset, tmp_path, monkeypatch):
+    """An operator opens the pool from 1 to 2 during a shard: the running step drops from the whole
+    bound to half within the watch's interval, and sends no request above it from then on."""
+    from ocr_assets import assets
+    from ocr_assets.assets import recognition
+    from ocr_assets.vlm_pool import ShareWatch
+
+    hold, applied = threading.Event(), threading.Event()
+    served = CountingServer(gate_keys=1, hold=hold).start()
+    original = ShareWatch.check
+
+    def check(self) -> None:  # the watch itself, telling the test when it changed the share
+        before = self.limit
+        original(self)
+        if self.limit != before:
+            applied.set()
+
+    monkeypatch.setattr(ShareWatch, "check", check)
+    monkeypatch.setattr(assets, "WATCH_SECONDS", 0.1)
+    home, storage = tmp_path / "home", str(tmp_path / "out")
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    hold.set()  # layout and crops' preflight probes pass the gate
+    try:
+        keys = _crops_for_two_shards(small_dataset, storage, str(home), served.base_url)
+        hold.clear()
+        regions = sum(1 for c in pq.read_table(f"{storage}/crops/{keys[0]}.parquet").to_pylist()
+                      if c["status"] == "ok" and c["task"] != "skip")
+        assert regions > BOUND + 2, regions
+        outcome: dict = {}
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            instance.event_log_storage.set_concurrency_slots(config.VLM_POOL, 1)
+
+            def step() -> None:
+                outcome["result"] = dg.materialize(
+                    [recognition], partition_key=keys[0], instance=instance,
+                    resources={"storage": StorageResource(root=storage),
+                               "recognizer": RecognizerResource(vlm_base_url=served.base_url, vlm_concurrency=BOUND)})
+
+            runner = threading.Thread(target=step)
+            runner.start()
+            deadline = time.monotonic() + 120
+            while served.in_flight < BOUND and runner.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert served.in_flight == BOUND  # the step alone holds the whole bound
+            instance.event_log_storage.set_concurrency_slots(config.VLM_POOL, 2)
+            assert applied.wait(60)
+            served.marked = True
+            hold.set()
+            runner.join(120)
+        result = outcome["result"]
+    finally:
+        hold.set()
+        served.stop()
+    assert result.success
+    meta = result.get_asset_materialization_events()[0].materialization.metadata
+    assert meta["vlm_pool_limit"].value == 2 and meta["vlm_concurrency_per_server"].value == BOUND // 2
+    assert served.arrivals_after_mark and max(served.arrivals_after_mark) <= BOUND // 2, served.arrivals_after_mark
