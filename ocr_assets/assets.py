@@ -325,10 +325,13 @@ def recognition(context: dg.AssetExecutionContext, storage: StorageResource, rec
 
 
 def vlm_pool_limit(context: dg.AssetExecutionContext) -> int | None:
-    """The `vlm` pool's limit on this instance; None when it has none."""
+    """The recognition steps that may hold the `vlm` pool at once: its limit, or its claimed slots
+    while more steps run than a lowered limit allows (lowering it stops none); None without a limit."""
     info = context.instance.event_log_storage.get_concurrency_info(config.VLM_POOL)
     limit = info.limit if getattr(info, "limit", None) is not None else info.slot_count
-    return int(limit) if limit and limit > 0 else None
+    if not limit or limit <= 0:
+        return None
+    return max(int(limit), len(getattr(info, "claimed_slots", None) or ()))
 
 
 def vlm_steps(context: dg.AssetExecutionContext, bound: int) -> int:

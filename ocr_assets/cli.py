@@ -133,8 +133,12 @@ def vllm_servers(start: bool = False, stop: bool = False, force: bool = False) -
             for info in stopped:
                 print(f"stopped the vLLM server for GPU {info['slot']} (pid {info['pid']}, port {info['port']})")
             for info in busy:
-                what = ("is being started by a running step: not stopped (interrupting that step stops it)"
-                        if info.get("starting") else "is used by a running step: not stopped (--force stops it anyway)")
+                if info.get("starting"):
+                    what = "is being started by a running step: not stopped (interrupting that step stops it)"
+                elif info.get("checking"):
+                    what = "is being checked by a step about to use it: not stopped (run --stop again)"
+                else:
+                    what = "is used by a running step: not stopped (--force stops it anyway)"
                 print(f"error: the vLLM server for GPU {info['slot']} {what}", file=sys.stderr)
             if busy:
                 return 1

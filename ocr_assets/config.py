@@ -267,6 +267,8 @@ def vlm_share(concurrency: int, steps: int) -> int:
     limit), so together they never pass it. More steps than the bound cannot share it: an error
     naming both settings."""
     concurrency, steps = int(concurrency), max(1, int(steps))
+    if concurrency < 1:
+        raise ValueError(f"{ENV_VLM_CONCURRENCY}={concurrency}: at least 1 request must be in flight to each server")
     if steps > concurrency:
         raise ValueError(f"the {VLM_POOL!r} concurrency pool lets {steps} recognition steps run at once, more than "
                          f"{ENV_VLM_CONCURRENCY}={concurrency} requests per server: lower the pool's limit "

@@ -299,7 +299,7 @@ def stop_servers(force: bool = False, wait: float = 60.0, lock_wait: float = 10.
         fd = _hold(_lock(slot, "start"), f"the vLLM server for GPU {slot}", timeout=lock_wait)
         if fd is None:  # a live step is starting or checking it: stop it once it runs
             info = _registered(slot) or {}
-            busy.append({**info, "slot": slot, "starting": not info or info.get("state") == "starting"})
+            busy.append({**info, "slot": slot, "starting": not info or info.get("state") == "starting", "checking": True})
             continue
         try:
             info = _registered(slot)

@@ -279,3 +279,24 @@ def test_a_limit_raised_while_a_step_reads_lowers_its_share(small_dataset, tmp_p
     meta = result.get_asset_materialization_events()[0].materialization.metadata
     assert meta["vlm_pool_limit"].value == 2 and meta["vlm_concurrency_per_server"].value == BOUND // 2
     assert served.arrivals_after_mark and max(served.arrivals_after_mark) <= BOUND // 2, served.arrivals_after_mark
+
+
+def test_a_lowered_limit_counts_the_steps_still_running_above_it(tmp_path):
+    """Lowering the pool from 4 to 2 stops none of the 4 running steps: the share stays a quarter
+    until they finish; removing the limit keeps it too."""
+    from types import SimpleNamespace
+
+    from ocr_assets.assets import vlm_pool_limit
+
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        storage = instance.event_log_storage
+        storage.set_concurrency_slots(config.VLM_POOL, 4)
+        for step in range(4):
+            assert storage.claim_concurrency_slot(config.VLM_POOL, "run", f"step{step}").is_claimed
+        context = SimpleNamespace(instance=instance)
+        storage.set_concurrency_slots(config.VLM_POOL, 2)
+        assert vlm_pool_limit(context) == 4
+        storage.free_concurrency_slot_for_step("run", "step0")
+        storage.free_concurrency_slot_for_step("run", "step1")
+        assert vlm_pool_limit(context) == 2  # the two left fit the new limit

@@ -78,11 +78,11 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes, timeout: f
     aiohttp's read timeout starts only once the body is written, so a server that stops reading
     would hold the upload forever (its kernel accepts, with a zero window, once the buffers fill).
     """
-    async def send() -> aiohttp.ClientResponse:
-        return await session.post(url, data=body)
-
     try:
-        return await asyncio.wait_for(send(), timeout)
+        if hasattr(asyncio, "timeout"):  # 3.11+: wait_for there can drop a cancellation that races the answer
+            async with asyncio.timeout(timeout):
+                return await session.post(url, data=body)
+        return await asyncio.wait_for(session.post(url, data=body), timeout)
     except asyncio.TimeoutError as exc:
         if isinstance(exc, aiohttp.ClientError):  # aiohttp's own connect or read timeout
             raise
