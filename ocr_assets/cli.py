@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 def layout_workers(start: bool = False, stop: bool = False) -> int:
     """Print this host's layout workers; with ``start``/``stop``, start or stop them first."""
     from ocr_assets import config, layout_worker
-    from ocr_assets.gpu_lease import cuda_count, physical_ids
+    from ocr_assets.gpu_lease import cuda_count, gpu_slot, physical_ids
     from ocr_assets.layout_runner import CPU_SLOT, step_settings
 
     if stop:
@@ -105,7 +105,7 @@ def layout_workers(start: bool = False, stop: bool = False) -> int:
 
         settings = step_settings(resources_from_env()["layout_model"].process_config_and_initialize().settings())
         count = cuda_count()
-        slots = [(f"gpu-{gid}", f"cuda:{i}") for i, gid in enumerate(physical_ids(count))] or [(CPU_SLOT, "cpu")]
+        slots = [(gpu_slot(gid), f"cuda:{i}") for i, gid in enumerate(physical_ids(count))] or [(CPU_SLOT, "cpu")]
         for slot, device in slots:
             if layout_worker.find_worker(slot) is None:
                 info = layout_worker.start_worker(slot, device, settings)

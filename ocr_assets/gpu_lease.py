@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import json
 import os
 import socket
 import time
@@ -25,13 +26,21 @@ log = logging.getLogger("ocr_assets.progress")
 WAIT_LOG_SECONDS = 30.0  # how often a step waiting for a GPU says so
 
 
+def visible_devices(count: int) -> list[str]:
+    """This process's ``count`` CUDA devices as CUDA_VISIBLE_DEVICES names them (else their indices)."""
+    names = [v.strip() for v in (os.environ.get("CUDA_VISIBLE_DEVICES") or "").split(",") if v.strip()]
+    return names[:count] if len(names) >= count else [str(i) for i in range(count)]
+
+
 def physical_ids(count: int) -> list[str]:
-    """The physical id of each of this process's ``count`` CUDA devices (CUDA_VISIBLE_DEVICES order)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None or not visible.strip():
-        return [str(i) for i in range(count)]
-    ids = [v.strip().replace("/", "_") for v in visible.split(",") if v.strip()]  # MIG ids hold slashes
-    return ids[:count] if len(ids) >= count else [str(i) for i in range(count)]
+    """The physical id of each of this process's ``count`` CUDA devices (CUDA_VISIBLE_DEVICES order),
+    usable in a file name."""
+    return [name.replace("/", "_") for name in visible_devices(count)]  # MIG ids hold slashes
+
+
+def gpu_slot(physical_id: str) -> str:
+    """The host-wide slot name of a GPU: its lease, its layout worker."""
+    return f"gpu-{physical_id}"
 
 
 @dataclass
@@ -118,12 +127,12 @@ def lease_gpu(
     start = last_log = time.monotonic()
     while True:
         for index in indices:
-            path = slot_path(f"gpu-{ids[index]}")
+            path = slot_path(gpu_slot(ids[index]))
             fd = _try_lock(path)
             if fd is not None:
-                return Lease(index, f"gpu-{ids[index]}", path, time.monotonic() - start, fd)
+                return Lease(index, gpu_slot(ids[index]), path, time.monotonic() - start, fd)
         now = time.monotonic()
-        held = "; ".join(f"GPU {ids[i]}: {holder(slot_path(f'gpu-{ids[i]}'))}" for i in indices)
+        held = "; ".join(f"GPU {ids[i]}: {holder(slot_path(gpu_slot(ids[i])))}" for i in indices)
         if timeout is not None and now - start >= timeout:
             raise TimeoutError(f"no GPU came free for layout in {timeout:.0f} s ({held})")
         if now - last_log >= WAIT_LOG_SECONDS:
@@ -135,13 +144,31 @@ def lease_gpu(
 def lease_slot(slot: str, poll: float = 0.25) -> Lease:
     """Hold the host-wide ``slot`` (not a GPU: e.g. the CPU layout worker's), waiting while it is held."""
     path = slot_path(slot)
+    start = time.monotonic()
+    fd = hold_lock(path, f"the {slot} slot, held by another layout step", poll=poll)
+    return Lease(-1, slot, path, time.monotonic() - start, fd)
+
+
+def hold_lock(path: Path, what: str, timeout: float | None = None, poll: float = 0.1) -> int | None:
+    """An exclusive lock on ``path``, waiting (and saying so every WAIT_LOG_SECONDS) while another
+    process holds it; None after ``timeout`` seconds."""
     start = last_log = time.monotonic()
     while (fd := _try_lock(path)) is None:
-        if time.monotonic() - last_log >= WAIT_LOG_SECONDS:
-            last_log = time.monotonic()
-            log.info("waiting for the %s slot, held by another layout step (%s)", slot, holder(path))
+        now = time.monotonic()
+        if timeout is not None and now - start >= timeout:
+            return None
+        if now - last_log >= WAIT_LOG_SECONDS:
+            last_log = now
+            log.info("waiting for %s (%s)", what, holder(path))
         time.sleep(poll)
-    return Lease(-1, slot, path, time.monotonic() - start, fd)
+    return fd
+
+
+def write_registration(path: Path, info: dict) -> None:
+    """A host-wide registration (a worker's, a server's) as JSON, whole or not at all."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(path)
 
 
 def cuda_count() -> int:

@@ -33,7 +33,7 @@ from pathlib import Path
 from ocr_assets import config
 from ocr_assets.backends.layout import load_layout_backend
 from ocr_assets.backends.layout.base import DeviceFault, PreparedPage, device_fault_kind
-from ocr_assets.gpu_lease import _try_lock, cuda_count
+from ocr_assets.gpu_lease import _try_lock, cuda_count, write_registration
 from ocr_assets.layout_runner import LayoutJob, LayoutOutcome, layout_partition, worker_identity
 from ocr_assets.timing import StageReport
 
@@ -392,9 +392,7 @@ def serve(slot: str, device: str, settings: dict, idle: float) -> int:
     info = {"pid": os.getpid(), "port": server.server_address[1], "slot": slot, "device": device,
             "load_seconds": load_seconds, "warmup_seconds": warmup_seconds,
             "gpus": cuda_count(), "visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
-    tmp = registration(slot).with_suffix(".tmp")
-    tmp.write_text(json.dumps(info))
-    tmp.replace(registration(slot))
+    write_registration(registration(slot), info)
     print(f"layout worker for {slot} on {device}: ready on port {info['port']} (load {load_seconds:.2f} s, "
           f"warm-up {warmup_seconds:.2f} s)", flush=True)
     threading.Thread(target=_watch_idle, args=(worker,), daemon=True).start()

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ocr_assets import config
-from ocr_assets.gpu_lease import WAIT_LOG_SECONDS, _try_lock, holder, physical_ids
+from ocr_assets.gpu_lease import _try_lock, hold_lock, physical_ids, visible_devices, write_registration
 
 log = logging.getLogger("ocr_assets.progress")
 DEFAULT_FLAGS = ("--max-num-batched-tokens", "131072", "--max-num-seqs", "512", "--no-enable-chunked-prefill")
@@ -135,9 +135,7 @@ def devices(count: int) -> list[tuple[str, str | None]]:
     without one (the server's environment is left as it is)."""
     if count < 1:
         return [("0", None)]
-    visible = [v.strip() for v in (os.environ.get("CUDA_VISIBLE_DEVICES") or "").split(",") if v.strip()]
-    raw = visible[:count] if len(visible) >= count else [str(i) for i in range(count)]
-    return list(zip(physical_ids(count), raw))
+    return list(zip(physical_ids(count), visible_devices(count)))
 
 
 class ServerUse:
@@ -165,7 +163,7 @@ def ensure_servers(settings: VllmSettings, gpus: int | None = None, use: ServerU
     urls = []
     try:
         for index, (slot, visible) in enumerate(devices(count)):
-            fd = _hold(_lock(slot, "start"), f"the vLLM server for GPU {slot}")
+            fd = _hold_start(slot)
             try:
                 info = _ready_server(settings, slot, visible, server_port(settings.port, slot, index))
                 if use is not None:
@@ -256,7 +254,7 @@ def _await(info: dict, settings: VllmSettings) -> dict:
     slot, pid = info["slot"], int(info["pid"])
     deadline = info.get("since", time.time()) + settings.startup_timeout
     try:
-        _write(slot, info)  # before the wait: a step killed meanwhile leaves it findable
+        write_registration(registration(slot), info)  # before the wait: a step killed meanwhile leaves it findable
         while True:
             if not _running(info):
                 code = f" with code {_children[pid].returncode}" if pid in _children else ""
@@ -272,7 +270,7 @@ def _await(info: dict, settings: VllmSettings) -> dict:
         registration(slot).unlink(missing_ok=True)
         raise
     info = {**info, "state": "running"}
-    _write(slot, info)
+    write_registration(registration(slot), info)
     return info
 
 
@@ -296,7 +294,7 @@ def stop_servers(force: bool = False, wait: float = 60.0, lock_wait: float = 10.
     stopped, busy = [], []
     for path in sorted(config.run_dir().glob("vllm-*.json")):
         slot = path.stem.removeprefix("vllm-")
-        fd = _hold(_lock(slot, "start"), f"the vLLM server for GPU {slot}", timeout=lock_wait)
+        fd = _hold_start(slot, timeout=lock_wait)
         if fd is None:  # a live step is starting or checking it: stop it once it runs
             info = _registered(slot) or {}
             busy.append({**info, "slot": slot, "starting": not info or info.get("state") == "starting", "checking": True})
@@ -321,18 +319,10 @@ def stop_servers(force: bool = False, wait: float = 60.0, lock_wait: float = 10.
 
 # -- helpers --
 
-def _hold(path: Path, what: str, timeout: float | None = None) -> int | None:
-    """An exclusive lock on ``path``, waiting while another process holds it (None after ``timeout`` s)."""
-    start = last = time.monotonic()
-    while (fd := _try_lock(path)) is None:
-        now = time.monotonic()
-        if timeout is not None and now - start >= timeout:
-            return None
-        if now - last >= WAIT_LOG_SECONDS:
-            last = now
-            log.info("waiting for %s, being started or checked by another process (%s)", what, holder(path))
-        time.sleep(0.1)
-    return fd
+def _hold_start(slot: str, timeout: float | None = None) -> int | None:
+    """The start lock of ``slot``'s server (see ``hold_lock``)."""
+    return hold_lock(_lock(slot, "start"), f"the vLLM server for GPU {slot}, being started or checked by another "
+                                           f"process", timeout=timeout)
 
 
 def _share(path: Path) -> int:
@@ -344,12 +334,6 @@ def _share(path: Path) -> int:
         os.close(fd)
         raise
     return fd
-
-
-def _write(slot: str, info: dict) -> None:
-    tmp = registration(slot).with_suffix(".tmp")
-    tmp.write_text(json.dumps(info))
-    tmp.replace(registration(slot))
 
 
 def _live_registrations() -> list[dict]:
